@@ -1,0 +1,5 @@
+import sys
+
+from privbench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,135 @@
+"""Loading and validating a workflow preset.
+
+One validator serves both the Snakefile and the command line, so a bad key
+is reported the same way everywhere: with its dotted path, before any job
+runs. Schemas live in ``workflow/schemas/`` (one file per config section,
+joined with ``$ref``); defaults written in the schemas are filled in.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator, validators
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from privbench.paths import SCHEMA_DIR
+
+
+class ConfigError(ValueError):
+    """An invalid preset; the message names the offending key."""
+
+
+def _schema_registry(schema_dir: Path) -> Registry:
+    resources = []
+    for path in sorted(schema_dir.glob("*.schema.*")):
+        contents = yaml.safe_load(path.read_text())
+        resources.append((path.name, Resource.from_contents(contents, default_specification=DRAFT202012)))
+    return Registry().with_resources(resources)
+
+
+def load_schema(name: str, schema_dir: Path = SCHEMA_DIR) -> dict:
+    return yaml.safe_load((schema_dir / name).read_text())
+
+
+def _with_defaults(validator_class):
+    """A validator that writes schema defaults into the instance as it walks it."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, subschema in properties.items():
+                if "default" in subschema and key not in instance:
+                    instance[key] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return validators.extend(validator_class, {"properties": set_defaults})
+
+
+_DefaultingValidator = _with_defaults(Draft202012Validator)
+
+
+def _describe(error) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        known = sorted(error.schema.get("properties", {}))
+        unexpected = sorted(set(error.instance) - set(known))
+        where = f" under '{path}'" if path else " at the top level"
+        return (
+            f"unknown key {', '.join(repr(k) for k in unexpected)}{where}; "
+            f"allowed keys: {', '.join(known)}"
+        )
+    if error.validator == "required":
+        where = f"'{path}'" if path else "the top level"
+        return f"{error.message} in {where}"
+    return f"invalid value for '{path or '<top level>'}': {error.message}"
+
+
+def validate(config: dict, schema_name: str = "config.schema.yaml",
+             schema_dir: Path = SCHEMA_DIR, source: str = "config") -> dict:
+    """Validate ``config`` in place (filling defaults) and return it.
+
+    Raises ConfigError listing every problem, each with its dotted key path.
+    """
+    schema = load_schema(schema_name, schema_dir)
+    validator = _DefaultingValidator(schema, registry=_schema_registry(schema_dir))
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = "\n".join(f"  - {_describe(e)}" for e in errors)
+        raise ConfigError(f"{source} is invalid:\n{lines}")
+    _check_cross_field_rules(config, source)
+    return config
+
+
+def _check_cross_field_rules(config: dict, source: str) -> None:
+    """Rules a JSON schema cannot express (relations between values)."""
+    problems = []
+    for name in config.get("experiments", []):
+        if name not in config:
+            problems.append(f"experiment '{name}' is listed in 'experiments' but has no '{name}' section")
+    for name, section in config.items():
+        if not isinstance(section, dict):
+            continue
+        cap, start = section.get("batch_cap"), section.get("batch_start")
+        if cap is not None and start is not None and cap < start:
+            problems.append(f"'{name}.batch_cap' ({cap}) is smaller than '{name}.batch_start' ({start})")
+        mb = section.get("microbatch_size")
+        if isinstance(mb, int) and start is not None:
+            sizes = []
+            b = start
+            while b <= (cap or start):
+                sizes.append(b)
+                b *= 2
+            bad = [b for b in sizes if b % mb]
+            if bad:
+                problems.append(
+                    f"'{name}.microbatch_size' ({mb}) does not divide batch size(s) {bad}: "
+                    "choose a microbatch size that divides every batch size of the sweep"
+                )
+    if problems:
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def load(path: str | Path) -> dict:
+    """Read and validate a preset file."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return validate(config, source=str(path))
+
+
+def get(config: dict, dotted: str, default: Any = None) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node

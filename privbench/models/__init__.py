@@ -1,0 +1,79 @@
+"""Benchmark models, one file per family, each holding its Flax NNX and PyTorch
+versions side by side so that the two stay identical (same layers, same
+parameter count).
+
+Every family module exposes:
+
+    SIZES: dict[str, dict]            hyper-parameters per size ("tiny" is the
+                                      kit's own test size; small/medium/large are
+                                      the published ones)
+    PUBLISHED_PARAMS: dict[str, int]  published parameter counts per size
+    build_torch(size, seed) -> torch.nn.Module
+    build_jax(size, seed) -> flax.nnx.Module
+    loss_torch(outputs, targets) -> scalar mean loss
+    loss_jax(outputs, targets) -> scalar mean loss
+    synthetic_batch(size, batch_size, framework, seed) -> (inputs: tuple, targets)
+
+A model is called as ``model(*inputs)``. The framework libraries are imported
+lazily so that a user with only one framework installed can still run the other.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+MODELS = ("cnn", "transformer", "state_space", "diffusion")
+SIZES = ("tiny", "small", "medium", "large")
+FRAMEWORKS = ("jax", "torch")
+
+# Display names used in the published pages.
+DISPLAY_NAMES = {
+    "cnn": "CNN",
+    "transformer": "Transformer",
+    "state_space": "StateSpace",
+    "diffusion": "Diffusion",
+}
+
+
+class UnknownModelError(ValueError):
+    """Raised for a model or size name the kit does not know."""
+
+
+def family(model: str) -> ModuleType:
+    """The module implementing one model family."""
+    if model not in MODELS:
+        raise UnknownModelError(
+            f"unknown model {model!r}: choose one of {', '.join(MODELS)}"
+        )
+    return importlib.import_module(f"privbench.models.{model}")
+
+
+def check_size(model: str, size: str) -> None:
+    sizes = family(model).SIZES
+    if size not in sizes:
+        raise UnknownModelError(
+            f"unknown size {size!r} for model {model!r}: choose one of {', '.join(sizes)}"
+        )
+
+
+def build(framework: str, model: str, size: str, seed: int = 0):
+    """Build a fresh model of one family and size in one framework."""
+    check_size(model, size)
+    fam = family(model)
+    if framework == "torch":
+        return fam.build_torch(size, seed)
+    if framework == "jax":
+        return fam.build_jax(size, seed)
+    raise UnknownModelError(f"unknown framework {framework!r}: choose jax or torch")
+
+
+def count_params(framework: str, module) -> int:
+    """Number of trainable parameters of a built model."""
+    if framework == "torch":
+        return sum(p.numel() for p in module.parameters() if p.requires_grad)
+    from flax import nnx
+    import jax
+
+    state = nnx.state(module, nnx.Param)
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(state))

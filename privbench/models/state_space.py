@@ -1,0 +1,148 @@
+"""S4-like long-convolution language model.
+
+Token embedding (no position embedding: the causal convolution sees order);
+``layers`` x [LN -> causal depthwise Conv1D (kernel = seq_len, one filter per
+channel, with bias) -> GELU -> Linear(H) -> residual]; final LN -> lm_head
+(with bias). Predicts random tokens with cross-entropy.
+
+The convolution is a real ``nn.Conv1d`` (groups = hidden) so that Opacus
+measures its own convolution grad sampler; causality comes from padding
+seq_len - 1 steps on the left and convolving VALID.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from privbench.models import UnknownModelError
+
+SIZES = {
+    "tiny": {"vocab_size": 50, "hidden": 16, "layers": 1, "seq_len": 8},
+    "small": {"vocab_size": 1000, "hidden": 256, "layers": 2, "seq_len": 256},
+    "medium": {"vocab_size": 1000, "hidden": 384, "layers": 6, "seq_len": 256},
+    "large": {"vocab_size": 30000, "hidden": 768, "layers": 12, "seq_len": 256},
+}
+
+PUBLISHED_PARAMS = {"small": 777_704, "medium": 2_253_544, "large": 55_585_584}
+
+# PyTorch's LayerNorm default, also given to Flax (whose default is 1e-6) so
+# both frameworks compute the same function.
+LN_EPS = 1e-5
+
+
+@functools.cache
+def _torch_class():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, hidden, seq_len):
+            super().__init__()
+            self.ln = nn.LayerNorm(hidden, eps=LN_EPS)
+            self.conv = nn.Conv1d(hidden, hidden, kernel_size=seq_len, groups=hidden)
+            self.proj = nn.Linear(hidden, hidden)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.ln(x).transpose(1, 2)  # (B, H, T): Conv1d is channels-first
+            h = F.pad(h, (self.conv.kernel_size[0] - 1, 0))
+            h = F.gelu(self.conv(h)).transpose(1, 2)
+            return x + self.proj(h)
+
+    class StateSpace(nn.Module):
+        def __init__(self, vocab_size, hidden, layers, seq_len):
+            super().__init__()
+            self.tokens = nn.Embedding(vocab_size, hidden)
+            self.blocks = nn.ModuleList(Block(hidden, seq_len) for _ in range(layers))
+            self.ln_final = nn.LayerNorm(hidden, eps=LN_EPS)
+            self.lm_head = nn.Linear(hidden, vocab_size)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            x = self.tokens(tokens)
+            for block in self.blocks:
+                x = block(x)
+            return self.lm_head(self.ln_final(x))
+
+    return StateSpace
+
+
+@functools.cache
+def _jax_class():
+    import jax
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, hidden, seq_len, *, rngs: nnx.Rngs):
+            self.ln = nnx.LayerNorm(hidden, epsilon=LN_EPS, rngs=rngs)
+            # Padding (seq_len - 1, 0) on the time axis is the left pad + VALID
+            # convolution of the PyTorch version, done inside the conv.
+            self.conv = nnx.Conv(hidden, hidden, kernel_size=(seq_len,),
+                                 feature_group_count=hidden, padding=((seq_len - 1, 0),),
+                                 rngs=rngs)
+            self.proj = nnx.Linear(hidden, hidden, rngs=rngs)
+
+        def __call__(self, x: jax.Array) -> jax.Array:
+            h = jax.nn.gelu(self.conv(self.ln(x)), approximate=False)  # torch's exact GELU
+            return x + self.proj(h)
+
+    class StateSpace(nnx.Module):
+        def __init__(self, vocab_size, hidden, layers, seq_len, *, rngs: nnx.Rngs):
+            self.tokens = nnx.Embed(vocab_size, hidden, rngs=rngs)
+            self.blocks = nnx.List(Block(hidden, seq_len, rngs=rngs) for _ in range(layers))
+            self.ln_final = nnx.LayerNorm(hidden, epsilon=LN_EPS, rngs=rngs)
+            self.lm_head = nnx.Linear(hidden, vocab_size, rngs=rngs)
+
+        def __call__(self, tokens: jax.Array) -> jax.Array:
+            x = self.tokens(tokens)
+            for block in self.blocks:
+                x = block(x)
+            return self.lm_head(self.ln_final(x))
+
+    return StateSpace
+
+
+def build_torch(size: str, seed: int):
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _torch_class()(**SIZES[size])
+
+
+def build_jax(size: str, seed: int):
+    from flax import nnx
+
+    return _jax_class()(**SIZES[size], rngs=nnx.Rngs(seed))
+
+
+def loss_torch(outputs, targets):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+
+
+def loss_jax(outputs, targets):
+    import optax
+
+    logits = outputs.reshape(-1, outputs.shape[-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets.reshape(-1)).mean()
+
+
+def synthetic_batch(size: str, batch_size: int, framework: str, seed: int):
+    """Uniform random input and target tokens, the same numbers in both frameworks."""
+    spec = SIZES[size]
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, spec["seq_len"])
+    tokens = rng.integers(0, spec["vocab_size"], shape)
+    targets = rng.integers(0, spec["vocab_size"], shape)
+    if framework == "jax":
+        import jax.numpy as jnp
+
+        return (jnp.asarray(tokens, dtype=jnp.int32),), jnp.asarray(targets, dtype=jnp.int32)
+    if framework == "torch":
+        import torch
+
+        return (torch.from_numpy(tokens.astype(np.int64)),), torch.from_numpy(targets.astype(np.int64))
+    raise UnknownModelError(f"unknown framework {framework!r}: choose jax or torch")

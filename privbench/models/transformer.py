@@ -1,0 +1,180 @@
+"""Decoder-only Transformer language model (pre-LN, no dropout).
+
+Token embedding + learned position embedding; ``layers`` x [LN -> causal
+multi-head attention with biases -> residual; LN -> Linear(4H) -> GELU ->
+Linear(H) -> residual]; final LN -> lm_head (with bias, not tied to the token
+embedding). Predicts random tokens with cross-entropy.
+
+Attention is built from plain Linear layers (one fused q/k/v projection and an
+output projection, both with biases: the same parameters as separate q, k, v
+projections) so that Opacus' hooks compute every per-sample gradient with its
+Linear grad sampler. The position embedding is an Embedding layer, not a bare
+parameter, for the same reason.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from privbench.models import UnknownModelError
+
+SIZES = {
+    "tiny": {"vocab_size": 50, "hidden": 16, "heads": 2, "layers": 1, "seq_len": 8},
+    "small": {"vocab_size": 1000, "hidden": 256, "heads": 4, "layers": 2, "seq_len": 256},
+    "medium": {"vocab_size": 1000, "hidden": 384, "heads": 8, "layers": 6, "seq_len": 256},
+    "large": {"vocab_size": 30000, "hidden": 768, "heads": 12, "layers": 12, "seq_len": 256},
+}
+
+PUBLISHED_PARAMS = {"small": 2_158_568, "medium": 11_514_856, "large": 131_362_608}
+
+# PyTorch's LayerNorm default, also given to Flax (whose default is 1e-6) so
+# both frameworks compute the same function.
+LN_EPS = 1e-5
+
+
+@functools.cache
+def _torch_class():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, hidden, heads):
+            super().__init__()
+            self.heads = heads
+            self.ln_attn = nn.LayerNorm(hidden, eps=LN_EPS)
+            self.qkv = nn.Linear(hidden, 3 * hidden)
+            self.attn_out = nn.Linear(hidden, hidden)
+            self.ln_mlp = nn.LayerNorm(hidden, eps=LN_EPS)
+            self.mlp_in = nn.Linear(hidden, 4 * hidden)
+            self.mlp_out = nn.Linear(4 * hidden, hidden)
+
+        def attention(self, x: torch.Tensor) -> torch.Tensor:
+            batch, length, hidden = x.shape
+            # (B, T, 3H) -> three (B, heads, T, head_dim) tensors.
+            q, k, v = (
+                self.qkv(x).view(batch, length, 3, self.heads, hidden // self.heads)
+                .permute(2, 0, 3, 1, 4)
+            )
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.attn_out(y.transpose(1, 2).reshape(batch, length, hidden))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.attention(self.ln_attn(x))
+            return x + self.mlp_out(F.gelu(self.mlp_in(self.ln_mlp(x))))
+
+    class Transformer(nn.Module):
+        def __init__(self, vocab_size, hidden, heads, layers, seq_len):
+            super().__init__()
+            self.tokens = nn.Embedding(vocab_size, hidden)
+            self.positions = nn.Embedding(seq_len, hidden)
+            self.blocks = nn.ModuleList(Block(hidden, heads) for _ in range(layers))
+            self.ln_final = nn.LayerNorm(hidden, eps=LN_EPS)
+            self.lm_head = nn.Linear(hidden, vocab_size)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            batch, length = tokens.shape
+            # Positions carry the batch dimension: Opacus' Embedding grad
+            # sampler needs one row of indices per example.
+            positions = torch.arange(length, device=tokens.device).expand(batch, length)
+            x = self.tokens(tokens) + self.positions(positions)
+            for block in self.blocks:
+                x = block(x)
+            return self.lm_head(self.ln_final(x))
+
+    return Transformer
+
+
+@functools.cache
+def _jax_class():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def gelu(x):
+        return jax.nn.gelu(x, approximate=False)  # the exact GELU, as torch's default
+
+    class Block(nnx.Module):
+        def __init__(self, hidden, heads, *, rngs: nnx.Rngs):
+            self.heads = heads
+            self.ln_attn = nnx.LayerNorm(hidden, epsilon=LN_EPS, rngs=rngs)
+            self.qkv = nnx.Linear(hidden, 3 * hidden, rngs=rngs)
+            self.attn_out = nnx.Linear(hidden, hidden, rngs=rngs)
+            self.ln_mlp = nnx.LayerNorm(hidden, epsilon=LN_EPS, rngs=rngs)
+            self.mlp_in = nnx.Linear(hidden, 4 * hidden, rngs=rngs)
+            self.mlp_out = nnx.Linear(4 * hidden, hidden, rngs=rngs)
+
+        def attention(self, x: jax.Array) -> jax.Array:
+            batch, length, hidden = x.shape
+            # (B, T, 3H) -> three (B, T, heads, head_dim) arrays.
+            qkv = self.qkv(x).reshape(batch, length, 3, self.heads, hidden // self.heads)
+            q, k, v = (qkv[:, :, i] for i in range(3))
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            return self.attn_out(y.reshape(batch, length, hidden))
+
+        def __call__(self, x: jax.Array) -> jax.Array:
+            x = x + self.attention(self.ln_attn(x))
+            return x + self.mlp_out(gelu(self.mlp_in(self.ln_mlp(x))))
+
+    class Transformer(nnx.Module):
+        def __init__(self, vocab_size, hidden, heads, layers, seq_len, *, rngs: nnx.Rngs):
+            self.tokens = nnx.Embed(vocab_size, hidden, rngs=rngs)
+            self.positions = nnx.Embed(seq_len, hidden, rngs=rngs)
+            self.blocks = nnx.List(Block(hidden, heads, rngs=rngs) for _ in range(layers))
+            self.ln_final = nnx.LayerNorm(hidden, epsilon=LN_EPS, rngs=rngs)
+            self.lm_head = nnx.Linear(hidden, vocab_size, rngs=rngs)
+
+        def __call__(self, tokens: jax.Array) -> jax.Array:
+            x = self.tokens(tokens) + self.positions(jnp.arange(tokens.shape[1]))
+            for block in self.blocks:
+                x = block(x)
+            return self.lm_head(self.ln_final(x))
+
+    return Transformer
+
+
+def build_torch(size: str, seed: int):
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _torch_class()(**SIZES[size])
+
+
+def build_jax(size: str, seed: int):
+    from flax import nnx
+
+    return _jax_class()(**SIZES[size], rngs=nnx.Rngs(seed))
+
+
+def loss_torch(outputs, targets):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+
+
+def loss_jax(outputs, targets):
+    import optax
+
+    logits = outputs.reshape(-1, outputs.shape[-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets.reshape(-1)).mean()
+
+
+def synthetic_batch(size: str, batch_size: int, framework: str, seed: int):
+    """Uniform random input and target tokens, the same numbers in both frameworks."""
+    spec = SIZES[size]
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, spec["seq_len"])
+    tokens = rng.integers(0, spec["vocab_size"], shape)
+    targets = rng.integers(0, spec["vocab_size"], shape)
+    if framework == "jax":
+        import jax.numpy as jnp
+
+        return (jnp.asarray(tokens, dtype=jnp.int32),), jnp.asarray(targets, dtype=jnp.int32)
+    if framework == "torch":
+        import torch
+
+        return (torch.from_numpy(tokens.astype(np.int64)),), torch.from_numpy(targets.astype(np.int64))
+    raise UnknownModelError(f"unknown framework {framework!r}: choose jax or torch")

@@ -1,0 +1,1 @@
+"""Tables, charts and pages built from the tidy tables."""

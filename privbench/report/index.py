@@ -1,0 +1,17 @@
+"""The docs index page: one link per reproduced page, plus how to rebuild."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from privbench import experiments
+from privbench.report import pages
+
+
+def write_index(config: dict) -> None:
+    entries = []
+    for name in experiments.EXPERIMENTS:
+        module = experiments.get(name)
+        entries.append({"title": module.TITLE, "page": module.PAGE, "enabled": name in config["experiments"]})
+    pages.render("index.md.j2", {"entries": entries, "preset": config["preset"]},
+                 Path(config["docs_dir"]) / "index.md")

@@ -1,0 +1,45 @@
+"""Markdown tables and number formatting for the generated pages."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+STATUS_LABELS = {"oom": "OOM", "timeout": "timeout", "error": "error"}
+
+
+def is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def fmt(value, digits: int = 2, missing: str = "-") -> str:
+    if is_missing(value):
+        return missing
+    if isinstance(value, (int,)) and not isinstance(value, bool):
+        return f"{value:,}"
+    return f"{value:,.{digits}f}"
+
+
+def fmt_ratio(value, missing: str = "-") -> str:
+    return missing if is_missing(value) else f"{value:.2f}x"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence], align: Sequence[str] | None = None) -> str:
+    """A GitHub/MkDocs markdown table; ``align`` items are 'l', 'r' or 'c'."""
+    align = align or ["l"] + ["r"] * (len(headers) - 1)
+    marks = {"l": ":---", "r": "---:", "c": ":---:"}
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(marks[a] for a in align) + " |"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def params_label(count: int) -> str:
+    """'2.16M (2,158,568)' as in the published headings."""
+    if count >= 1_000_000:
+        short = f"{count / 1e6:.2f}M"
+    elif count >= 1_000:
+        short = f"{count / 1e3:.2f}K"
+    else:
+        short = str(count)
+    return f"{short} ({count:,})"

@@ -1,0 +1,158 @@
+"""Training steps: one full optimiser update per ``Trainer.step()``, in both
+frameworks, for each training mode.
+
+    standard  gradient of the mean loss, AdamW
+    clipped   per-example clipped gradients + Gaussian noise, AdamW
+              (jax: jax_privacy.clipped_grad + gaussian_privatizer;
+               torch: Opacus PrivacyEngine.make_private)
+
+The harness only sees :func:`make_trainer` and the :class:`Trainer` protocol.
+Implementations are looked up in :data:`REGISTRY` and imported lazily, so a
+user with only one framework installed can still run the other, and a new mode
+is one registry entry plus its factory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from typing import Protocol
+
+from privbench.models import FRAMEWORKS, check_size
+
+MODES = ("standard", "clipped")
+
+# The published settings. Any key given in ``settings`` overrides its default;
+# an unknown key is an error, so that a typo cannot silently fall back.
+DEFAULT_SETTINGS = {
+    "learning_rate": 1e-4,
+    "l2_clip_norm": 1.0,
+    "noise_std": 0.1,  # std of the noise on the *mean* clipped gradient
+    "grad_sample_mode": "hooks",  # Opacus only
+    "poisson_sampling": True,  # Opacus only
+}
+
+# (framework, mode) -> "module:factory". Each factory is called with the
+# keyword arguments of make_trainer (after validation, settings completed).
+REGISTRY: dict[tuple[str, str], str] = {
+    ("jax", "standard"): "privbench.training.jax_steps:StandardTrainer",
+    ("jax", "clipped"): "privbench.training.jax_steps:ClippedTrainer",
+    ("torch", "standard"): "privbench.training.torch_steps:StandardTrainer",
+    ("torch", "clipped"): "privbench.training.torch_steps:ClippedTrainer",
+}
+
+# Modes that take a microbatch size. Elsewhere a microbatch size is rejected
+# rather than ignored, so that a result is never labelled with a knob that had
+# no effect.
+MICROBATCH_MODES = {("jax", "clipped")}
+
+# Import name -> pip name, for the missing-dependency message.
+_PIP_NAMES = {"jax_privacy": "jax-privacy", "jaxlib": "jax"}
+
+
+class Trainer(Protocol):
+    description: dict
+
+    def step(self) -> object:
+        """One full training update on the trainer's own in-memory batch(es);
+        returns a handle to sync on."""
+
+    def sync(self, handle) -> None:
+        """Block until the step that returned ``handle`` has finished."""
+
+
+class MissingDependencyError(ImportError):
+    """An optional package needed by the requested framework/mode is absent."""
+
+
+def make_trainer(
+    framework: str,
+    model: str,
+    size: str,
+    mode: str,
+    batch_size: int,
+    microbatch_size: int | None = None,
+    settings: dict | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+) -> Trainer:
+    """Build a trainer for one (framework, model, size, mode) configuration."""
+    if framework not in FRAMEWORKS:
+        raise ValueError(
+            f"unknown framework {framework!r}: choose one of {', '.join(FRAMEWORKS)}"
+        )
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+    if (framework, mode) not in REGISTRY:
+        available = sorted(m for f, m in REGISTRY if f == framework)
+        raise ValueError(
+            f"mode {mode!r} is not implemented for {framework}: choose one of "
+            f"{', '.join(available)}"
+        )
+    check_size(model, size)
+    if not _is_positive_int(batch_size):
+        raise ValueError(f"batch size {batch_size!r} must be a positive integer")
+    if microbatch_size is not None:
+        if (framework, mode) not in MICROBATCH_MODES:
+            raise ValueError(
+                f"microbatch size {microbatch_size!r} is not supported for "
+                f"{framework} {mode} mode (only for "
+                f"{', '.join(f'{f} {m}' for f, m in sorted(MICROBATCH_MODES))}): "
+                "pass microbatch_size=None"
+            )
+        if not _is_positive_int(microbatch_size):
+            raise ValueError(
+                f"microbatch size {microbatch_size!r} must be a positive integer or None"
+            )
+        if batch_size % microbatch_size:
+            raise ValueError(
+                f"batch size {batch_size} is not divisible by microbatch size "
+                f"{microbatch_size}: choose a microbatch size that divides the batch"
+            )
+    unknown = set(settings or {}) - set(DEFAULT_SETTINGS)
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) {', '.join(sorted(unknown))}: "
+            f"known settings are {', '.join(DEFAULT_SETTINGS)}"
+        )
+    settings = {**DEFAULT_SETTINGS, **(settings or {})}
+    for key, minimum in (("learning_rate", 0), ("l2_clip_norm", 0)):
+        if not settings[key] > minimum:
+            raise ValueError(f"setting {key}={settings[key]!r} must be > {minimum}")
+    if not settings["noise_std"] >= 0:
+        raise ValueError(f"setting noise_std={settings['noise_std']!r} must be >= 0")
+
+    with _missing_dependency_hint(f"{framework} {mode} mode"):
+        module_name, factory_name = REGISTRY[(framework, mode)].split(":")
+        factory = getattr(importlib.import_module(module_name), factory_name)
+        return factory(
+            model=model,
+            size=size,
+            batch_size=batch_size,
+            microbatch_size=microbatch_size,
+            settings=settings,
+            seed=seed,
+            device=device,
+        )
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@contextlib.contextmanager
+def _missing_dependency_hint(what: str):
+    """Turn a ModuleNotFoundError for a third-party package into a
+    MissingDependencyError naming the package and the install command."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if not top or top == "privbench":
+            raise  # a bug in the kit itself, not a missing install
+        pip_name = _PIP_NAMES.get(top, top)
+        raise MissingDependencyError(
+            f"{what} needs the Python package {pip_name!r}, which is not "
+            "installed: run `pip install -r envs/requirements.txt`",
+            name=top,
+        ) from exc

@@ -1,0 +1,207 @@
+"""PyTorch training steps; the DP mode is Opacus with its published defaults."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from privbench import models
+
+# torch.optim.AdamW's own default, recorded in the description because it
+# differs from optax.adamw's (1e-4); the published code used each default.
+WEIGHT_DECAY = 1e-2
+
+# Opacus grad-sample modes that make_private handles with the plain loss
+# ("ghost" also needs its wrapped criterion and is a mode of its own).
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+
+# The Poisson-sampled data set holds this many batches' worth of examples, so
+# that the sample rate is 1 / POISSON_BATCHES and the expected batch is B.
+POISSON_BATCHES = 4
+
+
+def make_opacus_compatible(module: torch.nn.Module) -> torch.nn.Module:
+    """Opacus' own fix-ups (e.g. BatchNorm -> GroupNorm), then its check.
+
+    ModuleValidator.fix first clones the module by pickling it, which fails for
+    classes defined inside functions (as the kit's lazily-imported models are);
+    for a module that is already valid, fix would return an unchanged clone,
+    so it is only called when there is something to fix.
+    """
+    from opacus.validators import ModuleValidator
+
+    if not ModuleValidator.is_valid(module):
+        module = ModuleValidator.fix(module)
+    ModuleValidator.validate(module, strict=True)
+    return module
+
+
+def check_grad_sample_mode(grad_sample_mode: str) -> None:
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(
+            f"grad_sample_mode {grad_sample_mode!r} is not supported by the clipped "
+            f"mode: choose one of {', '.join(GRAD_SAMPLE_MODES)}"
+        )
+
+
+def clipped_grad_sum_torch(
+    module, loss_fn, inputs, targets, max_grad_norm, grad_sample_mode="hooks"
+) -> list[torch.Tensor]:
+    """Sum over the batch of per-example gradients clipped to ``max_grad_norm``,
+    before noise, one tensor per trainable parameter of ``module`` (which must
+    already be Opacus-compatible, see :func:`make_opacus_compatible`).
+
+    Uses the same Opacus pieces make_private assembles: a grad-sample wrapper
+    for per-example gradients and DPOptimizer.clip_and_accumulate, which leaves
+    the clipped sum in ``p.summed_grad``.
+    """
+    from opacus.grad_sample import prepare_module
+    from opacus.optimizers import DPOptimizer
+
+    check_grad_sample_mode(grad_sample_mode)
+    params = [p for p in module.parameters() if p.requires_grad]
+    wrapped = prepare_module(
+        module, grad_sample_mode, batch_first=True, loss_reduction="mean"
+    )
+    optimizer = DPOptimizer(
+        torch.optim.SGD(params, lr=0.0),
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=len(targets),
+        loss_reduction="mean",
+    )
+    try:
+        loss_fn(wrapped(*inputs), targets).backward()
+        optimizer.clip_and_accumulate()
+        return [p.summed_grad.detach().clone() for p in params]
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        wrapped.cleanup()  # leaves ``module`` as it was, without hooks
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Trainer:
+    mode: str
+
+    def sync(self, handle) -> None:
+        _synchronize(self._device)
+
+    def param_arrays(self) -> list[np.ndarray]:
+        """Host copies of the current parameters (for checks, not timing)."""
+        return [p.detach().cpu().numpy().copy() for p in self._module.parameters()]
+
+    def _describe(self, model, size, batch_size, module, settings, **dp):
+        return {
+            "framework": "torch",
+            "model": model,
+            "size": size,
+            "mode": self.mode,
+            "batch_size": batch_size,
+            "param_count": models.count_params("torch", module),
+            "device": str(self._device),
+            "learning_rate": settings["learning_rate"],
+            "weight_decay": WEIGHT_DECAY,
+            "microbatch_size": None,
+            **dp,
+        }
+
+
+class StandardTrainer(_Trainer):
+    """Gradient of the mean loss on one in-memory batch, AdamW."""
+
+    mode = "standard"
+
+    def __init__(self, *, model, size, batch_size, microbatch_size, settings, seed, device):
+        family = models.family(model)
+        self._device = torch.device(device)
+        self._loss = family.loss_torch
+        self._module = models.build("torch", model, size, seed).to(self._device)
+        inputs, targets = family.synthetic_batch(size, batch_size, "torch", seed)
+        self._inputs = tuple(x.to(self._device) for x in inputs)
+        self._targets = targets.to(self._device)
+        self._optimizer = torch.optim.AdamW(
+            self._module.parameters(), lr=settings["learning_rate"]
+        )
+        self.description = self._describe(
+            model, size, batch_size, self._module, settings,
+            grad_sample_mode=None, l2_clip_norm=None, noise_std_effective=0.0,
+        )
+
+    def step(self):
+        self._optimizer.zero_grad(set_to_none=True)
+        loss = self._loss(self._module(*self._inputs), self._targets)
+        loss.backward()
+        self._optimizer.step()
+        return loss.detach()
+
+
+class ClippedTrainer(_Trainer):
+    """Opacus make_private (per-example clipping, Gaussian noise, Poisson
+    sampling by default) around AdamW, fed from an in-memory data set."""
+
+    mode = "clipped"
+
+    def __init__(self, *, model, size, batch_size, microbatch_size, settings, seed, device):
+        from opacus import PrivacyEngine
+
+        grad_sample_mode = settings["grad_sample_mode"]
+        check_grad_sample_mode(grad_sample_mode)
+        family = models.family(model)
+        self._device = torch.device(device)
+        self._loss = family.loss_torch
+        module = make_opacus_compatible(models.build("torch", model, size, seed))
+        module = module.to(self._device)
+        inputs, targets = family.synthetic_batch(
+            size, POISSON_BATCHES * batch_size, "torch", seed
+        )
+        dataset = TensorDataset(*(x.to(self._device) for x in inputs), targets.to(self._device))
+        # The DPDataLoader that make_private builds inherits this generator, so
+        # the Poisson sampling is seeded without touching torch's global RNG.
+        loader = DataLoader(
+            dataset, batch_size=batch_size, generator=torch.Generator().manual_seed(seed)
+        )
+        clip = settings["l2_clip_norm"]
+        # Opacus adds noise of std noise_multiplier * clip to the clipped sum
+        # and divides by the expected batch B: std noise_std on the mean, as on
+        # the JAX side (published: noise_multiplier 0.1 * B with clip 1).
+        noise_multiplier = settings["noise_std"] * batch_size / clip
+        self._module, self._optimizer, self._loader = PrivacyEngine().make_private(
+            module=module,
+            optimizer=torch.optim.AdamW(module.parameters(), lr=settings["learning_rate"]),
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=clip,
+            poisson_sampling=settings["poisson_sampling"],
+            grad_sample_mode=grad_sample_mode,
+            noise_generator=torch.Generator(self._device).manual_seed(seed),
+        )
+        self._batches = iter(self._loader)
+        self.description = self._describe(
+            model, size, batch_size, module, settings,
+            grad_sample_mode=grad_sample_mode,
+            l2_clip_norm=clip,
+            noise_std_effective=noise_multiplier * clip / self._optimizer.expected_batch_size,
+            noise_multiplier=noise_multiplier,
+            poisson_sampling=settings["poisson_sampling"],
+        )
+
+    def _next_batch(self):
+        # Cycle through the in-memory data set; each pass is one Opacus epoch.
+        try:
+            return next(self._batches)
+        except StopIteration:
+            self._batches = iter(self._loader)
+            return next(self._batches)
+
+    def step(self):
+        *inputs, targets = self._next_batch()
+        self._optimizer.zero_grad(set_to_none=True)
+        loss = self._loss(self._module(*inputs), targets)
+        loss.backward()
+        self._optimizer.step()
+        return loss.detach()

@@ -1,0 +1,64 @@
+"""Presets validate; a bad key or value is rejected with its dotted path."""
+
+import copy
+
+import pytest
+import yaml
+
+from privbench import config
+from privbench.experiments import throughput
+
+
+@pytest.mark.parametrize("preset", ["config.yaml", "tiny.yaml", "full.yaml"])
+def test_presets_are_valid_and_defaults_filled(repo_root, preset):
+    cfg = config.load(repo_root / "config" / preset)
+    assert cfg["results_dir"] == "results"
+    assert cfg["throughput"]["settings"]["l2_clip_norm"] == 1.0
+    assert cfg["run"]["seed"] == 0
+
+
+def test_full_preset_is_the_published_setting(repo_root):
+    cfg = config.load(repo_root / "config" / "full.yaml")
+    section = cfg["throughput"]
+    assert section["timed_steps"] == 50 and section["warmup_steps"] == 1
+    assert section["sizes"] == ["small", "medium", "large"]
+    assert section["settings"] == {"learning_rate": 1e-4, "l2_clip_norm": 1.0, "noise_std": 0.1,
+                                   "grad_sample_mode": "hooks", "poisson_sampling": True}
+
+
+def _raw(repo_root):
+    return yaml.safe_load((repo_root / "config" / "tiny.yaml").read_text())
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda c: c["throughput"].update(batch_capp=4), "unknown key 'batch_capp' under 'throughput'"),
+    (lambda c: c.update(colour="red"), "unknown key 'colour' at the top level"),
+    (lambda c: c["throughput"].update(models=["cnn", "resnet"]), "'throughput.models.1'"),
+    (lambda c: c["throughput"].update(sizes=["huge"]), "'throughput.sizes.0'"),
+    (lambda c: c["run"].update(timeout_s=0), "'run.timeout_s'"),
+    (lambda c: c["throughput"].update(settings={"grad_sample_mode": "magic"}), "'throughput.settings.grad_sample_mode'"),
+    (lambda c: c["throughput"].update(batch_cap=1), "'throughput.batch_cap' (1) is smaller"),
+    (lambda c: c["throughput"].update(microbatch_size=3), "'throughput.microbatch_size' (3) does not divide"),
+    (lambda c: c.update(experiments=["throughput", "cnn_microbatch"]), "has no 'cnn_microbatch' section"),
+])
+def test_invalid_config_names_the_key(repo_root, mutate, expected):
+    raw = _raw(repo_root)
+    mutate(raw)
+    with pytest.raises(config.ConfigError) as info:
+        config.validate(raw)
+    assert expected in str(info.value)
+
+
+def test_plan_covers_every_combination(tiny_config):
+    curves = throughput.curves(tiny_config)
+    assert len(curves) == 2 * 4 * 1 * 2
+    assert "jax-cnn-tiny-clipped" in curves and "torch-state_space-tiny-standard" in curves
+
+
+def test_changed_setting_changes_the_run_identity(tiny_config):
+    curve = throughput.curves(tiny_config)["jax-cnn-tiny-clipped"]
+    other = copy.deepcopy(curve)
+    other["settings"]["noise_std"] = 0.5
+    a, b = throughput.make_run_spec(curve, 2), throughput.make_run_spec(other, 2)
+    assert a["run_id"] == b["run_id"]
+    assert a["config"]["spec_hash"] != b["config"]["spec_hash"]

@@ -1,0 +1,85 @@
+"""Records are written atomically and validated; malformed ones are reported by path."""
+
+import json
+import os
+
+import pytest
+
+from privbench import aggregate, records, system
+
+
+def make_record(run_id="r1", status="ok", throughput=10.0):
+    return {
+        "schema_version": 1, "run_id": run_id, "experiment": "throughput", "preset": "test",
+        "config": {"framework": "jax", "model": "cnn", "size": "tiny", "mode": "standard", "batch_size": 2,
+                   "settings": {"noise_std": 0.1}},
+        "status": status, "message": None if status == "ok" else "boom",
+        "metrics": {"step_times_s": [0.1, 0.2], "throughput_sps": throughput, "peak_memory_mb": 100.0,
+                    "phases_s": {"import_s": 1.0}},
+        "estimated": False, "system": system.describe_system(),
+        "started_at": "2026-01-01T00:00:00+00:00", "finished_at": "2026-01-01T00:00:01+00:00",
+    }
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "r1.json"
+    records.write_record(path, make_record())
+    assert records.read_record(path)["metrics"]["throughput_sps"] == 10.0
+    assert [p.name for p in tmp_path.iterdir()] == ["r1.json"]  # no temporary file left
+
+
+def test_system_description_has_what_a_reader_needs():
+    desc = system.describe_system()
+    for key in ("platform", "processor", "cpu_count", "python", "libraries", "gpu", "git_commit", "container_image"):
+        assert key in desc
+    assert desc["libraries"]["torch"] and desc["libraries"]["jax"]
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "r1.json"
+    records.write_record(path, make_record(throughput=1.0))
+
+    def broken_dump(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dump", broken_dump)
+    with pytest.raises(OSError):
+        records.write_record(path, make_record(throughput=2.0))
+    assert records.read_record(path)["metrics"]["throughput_sps"] == 1.0  # the old record is intact
+    assert os.listdir(tmp_path) == ["r1.json"]
+
+
+def test_invalid_record_is_refused_on_write(tmp_path):
+    bad = make_record()
+    bad["status"] = "fine"
+    with pytest.raises(records.MalformedRecordError):
+        records.write_record(tmp_path / "x.json", bad)
+
+
+def test_aggregation_reports_malformed_records_by_path(tmp_path):
+    good = tmp_path / "good.json"
+    records.write_record(good, make_record())
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"run_id": ')
+    wrong = tmp_path / "wrong.json"
+    data = make_record("r3")
+    del data["system"]
+    wrong.write_text(json.dumps(data))
+    with pytest.raises(records.MalformedRecordError) as info:
+        aggregate.build_table([good, broken, wrong])
+    message = str(info.value)
+    assert str(broken) in message and str(wrong) in message and "2 malformed" in message
+
+
+def test_tidy_table_has_parameter_metric_and_environment_columns(tmp_path):
+    paths = []
+    for i, status in enumerate(["ok", "oom"]):
+        path = tmp_path / f"r{i}.json"
+        records.write_record(path, make_record(f"r{i}", status))
+        paths.append(path)
+    frame = aggregate.build_table(paths)
+    assert len(frame) == 2
+    for column in ("framework", "batch_size", "settings_noise_std", "throughput_sps", "timed_steps_done",
+                   "phases_s_import_s", "sys_platform", "sys_torch", "status", "message", "record_path"):
+        assert column in frame.columns, column
+    assert list(frame.status) == ["ok", "oom"]
