@@ -11,7 +11,7 @@ _DISTRIBUTIONS = {"jax_privacy": "jax-privacy", "flwr": "flwr", "opacus": "opacu
 
 
 class MissingDependencyError(ImportError):
-    pass
+    """An optional package needed by the requested run is not installed."""
 
 
 def require(*modules: str) -> None:

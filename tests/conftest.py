@@ -21,3 +21,34 @@ def tiny_config():
     from privbench import config
 
     return config.load(REPO_ROOT / "config" / "tiny.yaml")
+
+
+def run_workflow(out_dir: Path, *extra: str, configfile: str = "config/tiny.yaml", check: bool = True,
+                 overrides: tuple[str, ...] = ()):
+    """Run the real Snakemake workflow with its outputs redirected under ``out_dir``.
+
+    ``extra`` are further Snakemake arguments (targets, flags), ``overrides``
+    further ``--config key=value`` items.
+    """
+    import subprocess
+
+    command = [
+        str(VENV_BIN / "snakemake"), "--cores", "2", "--configfile", configfile,
+        "--config", f"results_dir={out_dir}/results", f"assets_dir={out_dir}/assets",
+        f"docs_dir={out_dir}/docs", f"site_dir={out_dir}/site", *overrides, *extra,
+    ]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_workflow(tmp_path_factory) -> Path:
+    """The tiny preset run once, end to end, for every test that inspects its outputs.
+
+    Returns the folder holding results/, assets/, docs/ and site/.
+    """
+    out = tmp_path_factory.mktemp("tiny_workflow")
+    run_workflow(out, "all", "site")
+    return out

@@ -3,7 +3,8 @@ cheap end-to-end checks on the tiny size.
 
 Published sizes are only built abstractly (torch's meta device, nnx.eval_shape)
 so that counting the large ones costs no memory or time; no test runs a
-published size forward.
+published size forward. Per-example gradients (Opacus hooks, jax-privacy's
+vmap) are checked against a naive reference in test_training.py.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def test_builds_are_deterministic(model):
         return [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
 
     def torch_params(seed):
-        return [p.detach().numpy() for p in models.build("torch", model, "tiny", seed).parameters()]
+        module = models.build("torch", model, "tiny", seed)
+        return [p.detach().numpy() for p in module.parameters()]
 
     for params in (jax_params, torch_params):
         first, again, other = params(0), params(0), params(1)
@@ -116,44 +118,3 @@ def test_tiny_forward_and_loss_jax(model):
     outputs = module(*inputs)
     assert outputs.shape == tiny_output_shape(model, "jax")
     assert jnp.isfinite(fam.loss_jax(outputs, targets))
-
-
-@pytest.mark.parametrize("model", models.MODELS)
-def test_opacus_hooks_give_a_per_sample_grad_for_every_parameter(model):
-    """What Opacus' make_private(grad_sample_mode="hooks") relies on: the model
-    validates, and its hooks produce per-sample gradients whose mean is the
-    ordinary batch gradient (the loss is a mean over examples)."""
-    from opacus import GradSampleModule
-    from opacus.validators import ModuleValidator
-
-    fam = models.family(model)
-    module = models.build("torch", model, "tiny")
-    assert ModuleValidator.validate(module, strict=False) == []
-    wrapped = GradSampleModule(module, batch_first=True, loss_reduction="mean")
-    inputs, targets = fam.synthetic_batch("tiny", BATCH, "torch", seed=0)
-    fam.loss_torch(wrapped(*inputs), targets).backward()
-    for name, param in module.named_parameters():
-        assert param.grad_sample is not None, name
-        assert param.grad_sample.shape == (BATCH, *param.shape), name
-        torch.testing.assert_close(param.grad_sample.mean(0), param.grad, msg=name)
-
-
-@pytest.mark.parametrize("model", models.MODELS)
-def test_jax_privacy_per_example_grads(model):
-    """jax-privacy vmaps the loss over examples, each a batch of one: with no
-    clipping, the summed per-example gradients equal BATCH x the batch gradient."""
-    from jax_privacy.clipping import clipped_grad
-
-    fam = models.family(model)
-    graphdef, params = nnx.split(models.build("jax", model, "tiny"))
-    inputs, targets = fam.synthetic_batch("tiny", BATCH, "jax", seed=0)
-
-    def loss(params, batch):
-        *example_inputs, example_targets = batch
-        return fam.loss_jax(nnx.merge(graphdef, params)(*example_inputs), example_targets)
-
-    summed = clipped_grad(loss, l2_clip_norm=jnp.inf)(params, (*inputs, targets))
-    full = jax.grad(loss)(params, (*inputs, targets))
-    for per_example, whole in zip(jax.tree_util.tree_leaves(summed),
-                                  jax.tree_util.tree_leaves(full)):
-        np.testing.assert_allclose(per_example, BATCH * whole, rtol=1e-4, atol=1e-5)

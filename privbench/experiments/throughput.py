@@ -60,8 +60,12 @@ def make_run_spec(curve: dict, batch: int) -> dict:
 def import_frameworks(spec: dict) -> None:
     from privbench.experiments import import_framework
 
-    import_framework(spec["config"]["framework"])
-    from privbench import training  # noqa: F401  (imports the DP libraries before the budget)
+    cfg = spec["config"]
+    import_framework(cfg["framework"])
+    if cfg["mode"] != "standard":  # the DP library's import is not part of the run's memory
+        from privbench.errors import require
+
+        require("jax_privacy" if cfg["framework"] == "jax" else "opacus")
 
 
 def measure(spec: dict, metrics: dict, phases: dict, progress) -> None:
@@ -149,34 +153,38 @@ def _opacus_table(frame: pd.DataFrame, published: dict, size: str, batch: int) -
     return rows
 
 
-def _ratio_summary(frame: pd.DataFrame, batch: int) -> list[dict]:
+def _ratio_lines(frame: pd.DataFrame, batch: int) -> list[str]:
     """DP cost per framework and model at one batch size: clipped / standard throughput."""
-    out = []
+    lines = []
     for (framework, model, size), group in frame[frame.batch_size == batch].groupby(["framework", "model", "size"]):
         modes = {r["mode"]: r for _, r in group.iterrows()}
         std, dp = modes.get("standard"), modes.get("clipped")
         if std is None or dp is None:
             continue
-        item = {"framework": framework, "model": models.DISPLAY_NAMES[model], "size": size,
-                "standard_status": std["status"], "clipped_status": dp["status"], "ratio": None}
+        name = f"{framework}, {models.DISPLAY_NAMES[model]} {size}"
         if std["status"] == "ok" and dp["status"] == "ok":
-            item["ratio"] = dp["throughput_sps"] / std["throughput_sps"]
-        out.append(item)
-    return out
+            ratio = dp["throughput_sps"] / std["throughput_sps"]
+            lines.append(f"{name}: {ratio:.2f}x of standard ({1 / ratio:.1f}x slower)" if ratio < 1
+                         else f"{name}: {ratio:.2f}x of standard (not slower at this batch)")
+        else:
+            lines.append(f"{name}: no ratio (standard: {std['status']}, clipped: {dp['status']})")
+    return lines
 
 
-def _largest_batches(frame: pd.DataFrame) -> list[dict]:
-    out = []
+def _curve_end_lines(frame: pd.DataFrame) -> list[str]:
+    """For every curve: the largest batch that ran and what ended the curve."""
+    lines = []
     for (framework, model, size, mode), group in frame.groupby(["framework", "model", "size", "mode"]):
         ok = group[group.status == "ok"]
-        failed = group[group.status != "ok"]
-        out.append({
-            "curve": f"{framework} {models.DISPLAY_NAMES[model]} {size} ({mode})",
-            "largest_ok": int(ok.batch_size.max()) if len(ok) else None,
-            "failure": (f"{tables.STATUS_LABELS[failed.iloc[0]['status']]} at batch {int(failed.iloc[0]['batch_size'])}"
-                        if len(failed) else None),
-        })
-    return out
+        failed = group[group.status != "ok"].sort_values("batch_size")
+        reached = f"batch {int(ok.batch_size.max())}" if len(ok) else "no batch ran"
+        if len(failed):
+            first = failed.iloc[0]
+            end = f"{tables.STATUS_LABELS[first['status']]} at batch {int(first['batch_size'])}"
+        else:
+            end = "reached the batch cap"
+        lines.append(f"{framework} {models.DISPLAY_NAMES[model]} {size} ({mode}): {reached}; {end}")
+    return lines
 
 
 def report(config: dict, table_path: str | Path) -> None:
@@ -234,14 +242,14 @@ def report(config: dict, table_path: str | Path) -> None:
         "published": published,
         "system": pages.system_rows(frame),
         "runs": len(frame),
-        "status_counts": frame.status.value_counts().to_dict(),
+        "status_summary": ", ".join(f"{n} {status}" for status, n in frame.status.value_counts().items()),
         "table_size": table_size,
         "table_batch": table_batch,
         "opacus_rows": tables.markdown_table(
             ["Model", "Mode", "Published samples/s", "Published speedup", "Reproduced samples/s", "Reproduced speedup"],
             _opacus_table(frame, published, table_size, table_batch)),
-        "ratios": _ratio_summary(frame, table_batch),
-        "largest": _largest_batches(frame),
+        "ratio_lines": _ratio_lines(frame, table_batch),
+        "curve_end_lines": _curve_end_lines(frame),
         "detailed": detailed,
         "timed_steps": section["timed_steps"],
         "warmup_steps": section["warmup_steps"],

@@ -77,6 +77,9 @@ def _jax_class():
         def __init__(self, hidden, norm_groups, *, rngs: nnx.Rngs):
             self.conv1 = nnx.Conv(hidden, hidden, (3, 3), padding="SAME", rngs=rngs)
             self.conv2 = nnx.Conv(hidden, hidden, (3, 3), padding="SAME", rngs=rngs)
+            # Statistics per example over (H, W, channel group): Flax takes the
+            # leading axis as the batch, so inputs always carry one (jax-privacy
+            # passes each example as a batch of one).
             self.norm = nnx.GroupNorm(hidden, num_groups=norm_groups, epsilon=NORM_EPS,
                                       rngs=rngs)
 

@@ -176,5 +176,8 @@ def synthetic_batch(size: str, batch_size: int, framework: str, seed: int):
     if framework == "torch":
         import torch
 
-        return (torch.from_numpy(tokens.astype(np.int64)),), torch.from_numpy(targets.astype(np.int64))
+        def as_long(x):
+            return torch.from_numpy(x.astype(np.int64))
+
+        return (as_long(tokens),), as_long(targets)
     raise UnknownModelError(f"unknown framework {framework!r}: choose jax or torch")

@@ -18,6 +18,7 @@ import contextlib
 import importlib
 from typing import Protocol
 
+from privbench.errors import MissingDependencyError
 from privbench.models import FRAMEWORKS, check_size
 
 MODES = ("standard", "clipped")
@@ -59,10 +60,6 @@ class Trainer(Protocol):
 
     def sync(self, handle) -> None:
         """Block until the step that returned ``handle`` has finished."""
-
-
-class MissingDependencyError(ImportError):
-    """An optional package needed by the requested framework/mode is absent."""
 
 
 def make_trainer(
