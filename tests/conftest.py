@@ -33,9 +33,9 @@ def run_workflow(out_dir: Path, *extra: str, configfile: str = "config/tiny.yaml
     import subprocess
 
     command = [
-        str(VENV_BIN / "snakemake"), "--cores", "2", "--configfile", configfile,
+        str(VENV_BIN / "snakemake"), *extra, "--cores", "2", "--configfile", configfile,
         "--config", f"results_dir={out_dir}/results", f"assets_dir={out_dir}/assets",
-        f"docs_dir={out_dir}/docs", f"site_dir={out_dir}/site", *overrides, *extra,
+        f"docs_dir={out_dir}/docs", f"site_dir={out_dir}/site", *overrides,
     ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     if check and result.returncode != 0:
