@@ -51,10 +51,11 @@ def test_killed_run_is_redone_and_finished_runs_are_kept(tiny_workflow):
     kept = runs / "jax-cnn-tiny-standard-b2.json"
     kept_before = kept.read_text()
     lost.unlink()
-    # What a run killed halfway leaves: its curve job has no summary (Snakemake
-    # removes the output of a failed job) and no table has been built yet.
+    # What a first invocation killed halfway leaves: its curve job has no summary
+    # (Snakemake removes the output of a failed job), and no table or page yet.
     (tiny_workflow / "results" / "curves" / "throughput" / "jax-cnn-tiny-standard.json").unlink()
     (tiny_workflow / "results" / "tables" / "throughput.csv").unlink()
+    (tiny_workflow / "docs" / "benchmark_results.md").unlink()
     result = run_workflow(tiny_workflow, "all")
     log = (tiny_workflow / "results" / "logs" / "throughput" / "jax-cnn-tiny-standard.log").read_text()
     assert "jax-cnn-tiny-standard-b2: kept existing record" in log
