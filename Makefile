@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test site lock clean-results
+.PHONY: setup run test test-infra site lock clean-results
 
 setup: $(STAMP)
 
@@ -19,8 +19,12 @@ $(STAMP): envs/requirements.txt envs/constraints.txt pyproject.toml
 run: setup
 	$(VENV)/bin/snakemake --cores all
 
-test: setup
+test: setup test-infra
 	$(PY) -m pytest
+
+# Debian packages of the container and SLURM tests (Podman, SLURM, ...), if missing.
+test-infra:
+	scripts/test-infra.sh
 
 site: setup
 	$(VENV)/bin/snakemake --cores all site

@@ -28,6 +28,10 @@ CONFIG_JSON = json.dumps(config, sort_keys=True)
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/throughput.smk"
+include: "workflow/rules/cnn_microbatch.smk"
+include: "workflow/rules/memory_profile.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/torch_cifar.smk"
 include: "workflow/rules/docs.smk"
 
 

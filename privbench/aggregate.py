@@ -51,7 +51,11 @@ def to_row(record: dict) -> dict:
         if key == "libraries":
             for lib, version in value.items():
                 row[f"sys_{lib.replace('-', '_')}"] = version
-        elif not isinstance(value, (dict, list)):
+        elif isinstance(value, dict):  # e.g. tee: its scalar fields (the raw evidence stays in the record)
+            for sub_key, sub in value.items():
+                if not isinstance(sub, (dict, list)):
+                    row[f"sys_{key}_{sub_key}"] = sub
+        elif not isinstance(value, list):
             row[f"sys_{key}"] = value
     row["record_path"] = record.get("_path")
     return row

@@ -61,6 +61,12 @@ def _cmd_report(args) -> None:
     experiments.get(args.experiment).report(cfg, args.table)
 
 
+def _cmd_fetch(args) -> None:
+    from privbench.data import cifar100
+
+    cifar100.fetch(args.url, args.md5, args.data_dir)
+
+
 def _cmd_index(args) -> None:
     from privbench.report import index
 
@@ -95,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config-json", required=True)
     p.add_argument("--table", required=True)
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("fetch-cifar100", help="download, verify and extract CIFAR-100 into the data cache")
+    p.add_argument("--url", required=True)
+    p.add_argument("--md5", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.set_defaults(func=_cmd_fetch)
 
     p = sub.add_parser("index", help="the docs index page")
     p.add_argument("--config-json", required=True)

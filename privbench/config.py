@@ -110,8 +110,21 @@ def _check_cross_field_rules(config: dict, source: str) -> None:
                     f"'{name}.microbatch_size' ({mb}) does not divide batch size(s) {bad}: "
                     "choose a microbatch size that divides every batch size of the sweep"
                 )
+    problems.extend(_experiment_problems(config))
     if problems:
         raise ConfigError(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _experiment_problems(config: dict) -> list[str]:
+    """Rules an experiment module states about its own section (its ``config_problems``)."""
+    from privbench import experiments  # imported here: the experiments import this module
+
+    problems = []
+    for name in config.get("experiments", []):
+        if name in config and name in experiments.EXPERIMENTS:
+            check = getattr(experiments.get(name), "config_problems", None)
+            problems.extend(check(config[name]) if check else [])
+    return problems
 
 
 def load(path: str | Path) -> dict:

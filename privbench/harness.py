@@ -52,14 +52,15 @@ def _pump(stream, sink: collections.deque) -> None:
 def run_isolated(spec: dict, record_path: str | Path, runner_config: dict | None = None) -> dict:
     """Run one configuration in its own process and write its record."""
     record_path = Path(record_path)
-    work_dir = record_path.parent / ".work"
+    work_dir = record_path.parent.resolve() / ".work"  # absolute: the same path inside a container
     work_dir.mkdir(parents=True, exist_ok=True)
     spec_file = work_dir / f"{spec['run_id']}.spec.json"
     result_file = work_dir / f"{spec['run_id']}.result.json"
     result_file.unlink(missing_ok=True)
-    records.write_json_atomic(spec_file, spec)
-
     runner_config = runner_config or {}
+    # the worker applies the attestation policy of a cvm run (privbench.tee)
+    records.write_json_atomic(spec_file, {**spec, "attestation": runner_config.get("attestation", "required")})
+
     runner = runners.get(runner_config)
     command = runner.wrap([str(spec_file), str(result_file)], runner_config,
                           spec.get("platform", "cpu"), mounts=[str(record_path.parent.resolve())])
@@ -80,9 +81,11 @@ def run_isolated(spec: dict, record_path: str | Path, runner_config: dict | None
         timed_out = True
         os.killpg(proc.pid, signal.SIGKILL)  # the whole group: no process is left behind
         proc.wait()
+        runner.stop(command, runner_config)  # nor a container, which outlives its client
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        runner.stop(command, runner_config)
         raise
     reader.join(timeout=10)
     wall_s = time.perf_counter() - t0

@@ -92,6 +92,8 @@ def describe_system() -> dict:
         "container_image_digest": os.environ.get("PRIVBENCH_IMAGE_DIGEST"),
         "hostname": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        # Attestation evidence of a run on platform cvm (privbench.tee); None otherwise.
+        "tee": None,
     }
 
 

@@ -32,13 +32,17 @@ def main(spec_path: str, result_path: str) -> int:
     _configure_threads(limits.get("threads", 0))
 
     # Imported here, after the thread settings, because they load the frameworks.
-    from privbench import experiments, memory
+    from privbench import experiments, memory, system, tee
     from privbench.records import write_json_atomic
 
     phases: dict = {}
     metrics: dict = {}
-    result = {"status": "error", "message": None, "metrics": metrics, "phases": phases}
+    # The system as the run sees it (in a container: the image's), with a cvm run's TEE evidence.
+    system_extra = system.describe_system()
+    result = {"status": "error", "message": None, "metrics": metrics, "phases": phases,
+              "system_extra": system_extra}
     try:
+        system_extra["tee"] = tee.attest_run(spec)
         t0 = time.perf_counter()
         experiment = experiments.get(spec["experiment"])
         experiment.import_frameworks(spec)

@@ -28,14 +28,18 @@ def run_workflow(out_dir: Path, *extra: str, configfile: str = "config/tiny.yaml
     """Run the real Snakemake workflow with its outputs redirected under ``out_dir``.
 
     ``extra`` are further Snakemake arguments (targets, flags), ``overrides``
-    further ``--config key=value`` items.
+    further ``--config key=value`` items. Data sets come from a generated
+    archive served on 127.0.0.1 (tests/cifar_archive.py), never the internet.
     """
     import subprocess
 
+    from cifar_archive import data_override
+
     command = [
-        str(VENV_BIN / "snakemake"), *extra, "--cores", "2", "--configfile", configfile,
+        # --configfile and --config take every item after them: targets and flags come first
+        str(VENV_BIN / "snakemake"), "--cores", "2", *extra, "--configfile", configfile,
         "--config", f"results_dir={out_dir}/results", f"assets_dir={out_dir}/assets",
-        f"docs_dir={out_dir}/docs", f"site_dir={out_dir}/site", *overrides,
+        f"docs_dir={out_dir}/docs", f"site_dir={out_dir}/site", data_override(out_dir), *overrides,
     ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     if check and result.returncode != 0:

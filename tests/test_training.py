@@ -115,6 +115,7 @@ def test_clipped_grad_sum_torch_matches_naive(model, grad_sample_mode):
         ("jax", "clipped", 2, None),
         ("torch", "standard", None, None),
         ("torch", "clipped", None, None),
+        ("torch", "clipped", 2, None),
         ("torch", "clipped", None, {"poisson_sampling": False}),
     ],
 )
@@ -169,7 +170,7 @@ def test_torch_noise_std_on_mean_gradient():
         ),
         ({"microbatch_size": 0}, "microbatch size 0 must be a positive integer"),
         ({"mode": "standard", "microbatch_size": 2}, "not supported for jax standard"),
-        ({"framework": "torch", "microbatch_size": 2}, "not supported for torch clipped"),
+        ({"framework": "torch", "mode": "standard", "microbatch_size": 2}, "not supported for torch standard"),
         ({"settings": {"lr": 1e-3}}, "unknown setting\\(s\\) lr"),
         ({"settings": {"noise_std": -1.0}}, "noise_std=-1.0 must be >= 0"),
         (

@@ -16,7 +16,7 @@ def test_records_table_chart_and_page_agree(tiny_workflow):
     results = tiny_workflow / "results"
     table = pd.read_csv(results / "tables" / "throughput.csv")
     record_files = sorted((results / "runs" / "throughput").glob("*.json"))
-    assert len(table) == len(record_files) == 2 * 4 * 2 * 2  # frameworks x models x modes x batches
+    assert len(table) == len(record_files) == 2 * 4 * 3 * 2  # frameworks x models x modes x batches
     assert set(table.status) == {"ok"}
     page = (tiny_workflow / "docs" / "benchmark_results.md").read_text()
     for path in record_files:

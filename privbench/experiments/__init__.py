@@ -8,6 +8,7 @@ Each module exposes
     measure(spec, metrics, phases, progress)   in the worker process
     page_outputs(config) -> list      charts and page the report writes
     report(config, table, out_dirs)   tables, charts and page from the tidy table
+    config_problems(section) -> list  optional: rules on its section a schema cannot state
 
 Adding a page = one module here, one rule file, one template.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-EXPERIMENTS = ("throughput",)
+EXPERIMENTS = ("throughput", "cnn_microbatch", "memory_profile", "torch_cifar")
 
 
 def get(name: str) -> ModuleType:

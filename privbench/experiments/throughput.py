@@ -130,6 +130,12 @@ def _cell(row) -> str:
     return f"{row['throughput_sps']:.2f}{spread}"
 
 
+# DP-SGD modes, in the order the page lists them: Opacus / jax-privacy
+# ("clipped") and the kit's own (privbench.dp).
+DP_MODES = ("clipped", "fast_dp")
+MODE_LABELS = {"standard": "Standard", "clipped": "Clipped", "fast_dp": "Fast DP (kit's own)"}
+
+
 def _opacus_table(frame: pd.DataFrame, published: dict, size: str, batch: int) -> list[list[str]]:
     rows = []
     torch_rows = frame[(frame.framework == "torch") & (frame["size"] == size) & (frame.batch_size == batch)]
@@ -140,13 +146,15 @@ def _opacus_table(frame: pd.DataFrame, published: dict, size: str, batch: int) -
             continue
         std = measured.get("standard")
         std_sps = std["throughput_sps"] if std is not None and std["status"] == "ok" else None
-        for mode in ("standard", "clipped"):
+        for mode in ("standard", *DP_MODES):
+            if mode not in ("standard", "clipped") and mode not in measured:
+                continue  # the kit's own mode has no published figure: a row only where measured
             r = measured.get(mode)
             sps = r["throughput_sps"] if r is not None and r["status"] == "ok" else None
             shown = "-" if r is None else (tables.fmt(sps) if sps is not None else tables.STATUS_LABELS[r["status"]])
             ref_sps, ref_std = ref.get(mode), ref.get("standard")
             rows.append([
-                models.DISPLAY_NAMES[model], mode.capitalize(),
+                models.DISPLAY_NAMES[model], MODE_LABELS[mode],
                 tables.fmt(ref_sps), tables.fmt_ratio(ref_sps / ref_std if ref_sps and ref_std else None),
                 shown, tables.fmt_ratio(sps / std_sps if sps and std_sps else None),
             ])
@@ -154,20 +162,22 @@ def _opacus_table(frame: pd.DataFrame, published: dict, size: str, batch: int) -
 
 
 def _ratio_lines(frame: pd.DataFrame, batch: int) -> list[str]:
-    """DP cost per framework and model at one batch size: clipped / standard throughput."""
+    """DP cost per framework, model and DP mode at one batch size: DP / standard throughput."""
     lines = []
     for (framework, model, size), group in frame[frame.batch_size == batch].groupby(["framework", "model", "size"]):
         modes = {r["mode"]: r for _, r in group.iterrows()}
-        std, dp = modes.get("standard"), modes.get("clipped")
-        if std is None or dp is None:
-            continue
-        name = f"{framework}, {models.DISPLAY_NAMES[model]} {size}"
-        if std["status"] == "ok" and dp["status"] == "ok":
-            ratio = dp["throughput_sps"] / std["throughput_sps"]
-            lines.append(f"{name}: {ratio:.2f}x of standard ({1 / ratio:.1f}x slower)" if ratio < 1
-                         else f"{name}: {ratio:.2f}x of standard (not slower at this batch)")
-        else:
-            lines.append(f"{name}: no ratio (standard: {std['status']}, clipped: {dp['status']})")
+        std = modes.get("standard")
+        for mode in DP_MODES:
+            dp = modes.get(mode)
+            if std is None or dp is None:
+                continue
+            name = f"{framework}, {models.DISPLAY_NAMES[model]} {size}, {mode}"
+            if std["status"] == "ok" and dp["status"] == "ok":
+                ratio = dp["throughput_sps"] / std["throughput_sps"]
+                lines.append(f"{name}: {ratio:.2f}x of standard ({1 / ratio:.1f}x slower)" if ratio < 1
+                             else f"{name}: {ratio:.2f}x of standard (not slower at this batch)")
+            else:
+                lines.append(f"{name}: no ratio (standard: {std['status']}, {mode}: {dp['status']})")
     return lines
 
 

@@ -77,8 +77,9 @@ def _torch_class():
         def forward(self, tokens: torch.Tensor) -> torch.Tensor:
             batch, length = tokens.shape
             # Positions carry the batch dimension: Opacus' Embedding grad
-            # sampler needs one row of indices per example.
-            positions = torch.arange(length, device=tokens.device).expand(batch, length)
+            # sampler needs one row of indices per example, and its norm
+            # sampler (ghost clipping) views them, so they must be contiguous.
+            positions = torch.arange(length, device=tokens.device).expand(batch, length).contiguous()
             x = self.tokens(tokens) + self.positions(positions)
             for block in self.blocks:
                 x = block(x)

@@ -8,6 +8,7 @@ import jinja2
 import pandas as pd
 import yaml
 
+from privbench import tee
 from privbench.paths import PUBLISHED_DIR, TEMPLATE_DIR
 from privbench.report import tables
 
@@ -58,6 +59,7 @@ def system_rows(frame: pd.DataFrame) -> list[tuple[str, str]]:
         ("Python", distinct("sys_python")),
         ("GPU", distinct("sys_gpu")),
         ("Container image", distinct("sys_container_image")),
+        ("Confidential computing (TEE)", tee.page_label(frame)),
         ("Libraries", "; ".join(libraries) or "-"),
         ("Kit commit", distinct("sys_git_commit")),
     ]

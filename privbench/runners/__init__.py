@@ -1,15 +1,33 @@
 """Where an isolated run executes.
 
-A runner turns the worker's command line into the command that starts it:
-in this Python environment (``local``), or inside a container image (added
-by the platforms work: docker, podman, apptainer). One file per runtime.
+A runner turns the worker's command line into the command that starts it: in
+this Python environment (``local``) or inside the platform's container image
+(``docker``, ``podman``, ``apptainer``). One module per runtime, each with
+
+    wrap(worker_args, runner_config, platform, mounts) -> command
+        the command that runs ``python -m privbench.worker *worker_args``;
+        ``mounts`` are host folders the worker writes (the records folder)
+    environment(runner_config) -> dict
+        extra environment variables for that command
+    stop(command, runner_config) -> None
+        called after the harness killed ``command`` (time limit): ends whatever
+        outlives the killed process (a container outlives its client)
+
+Docker and Podman share one code path (``_oci``); each module holds only what
+differs between runtimes: GPU flags, user mapping, image references.
 """
 
 from __future__ import annotations
 
 import importlib
 
-RUNNERS = ("local",)
+from privbench import __version__
+
+RUNNERS = ("local", "docker", "podman", "apptainer")
+
+# In the container, the worker must import the image's kit, never a checkout
+# that happens to be the working directory: -P keeps the cwd off sys.path.
+CONTAINER_WORKER = ["python", "-P", "-m", "privbench.worker"]
 
 
 def get(runner_config: dict | None):
@@ -18,3 +36,21 @@ def get(runner_config: dict | None):
     if kind not in RUNNERS:
         raise ValueError(f"unknown runner {kind!r}: choose one of {', '.join(RUNNERS)}")
     return importlib.import_module(f"privbench.runners.{kind}")
+
+
+def image_for(runner_config: dict, platform: str, default_pattern: str) -> str:
+    """The image a platform runs in: ``runner.images.<platform>``, else the kit's own name.
+
+    ``default_pattern`` is formatted with ``platform`` and the kit ``version``
+    (the tag scripts/build-image.sh gives).
+    """
+    images = runner_config.get("images") or {}
+    return images.get(platform) or default_pattern.format(platform=platform, version=__version__)
+
+
+def image_environment(image: str, digest: str | None) -> dict[str, str]:
+    """What the worker in the container reports as its image (read by privbench.system)."""
+    env = {"PRIVBENCH_IMAGE": image}
+    if digest:
+        env["PRIVBENCH_IMAGE_DIGEST"] = digest
+    return env

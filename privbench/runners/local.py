@@ -12,3 +12,7 @@ def wrap(worker_args: list[str], runner_config: dict, platform: str, mounts: lis
 def environment(runner_config: dict) -> dict[str, str]:
     """Extra environment variables the worker needs (none locally)."""
     return {}
+
+
+def stop(command: list[str], runner_config: dict) -> None:
+    """Nothing outlives the worker's process group locally."""

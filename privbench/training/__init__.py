@@ -5,6 +5,9 @@ frameworks, for each training mode.
     clipped   per-example clipped gradients + Gaussian noise, AdamW
               (jax: jax_privacy.clipped_grad + gaussian_privatizer;
                torch: Opacus PrivacyEngine.make_private)
+    fast_dp   the same update as clipped (fixed batch), by the kit's own
+              per-layer ghost / per-example norms and book-keeping sums
+              (privbench.dp: fast_jax, fast_torch)
 
 The harness only sees :func:`make_trainer` and the :class:`Trainer` protocol.
 Implementations are looked up in :data:`REGISTRY` and imported lazily, so a
@@ -21,7 +24,7 @@ from typing import Protocol
 from privbench.errors import MissingDependencyError
 from privbench.models import FRAMEWORKS, check_size
 
-MODES = ("standard", "clipped")
+MODES = ("standard", "clipped", "fast_dp")
 
 # The published settings. Any key given in ``settings`` overrides its default;
 # an unknown key is an error, so that a typo cannot silently fall back.
@@ -40,12 +43,16 @@ REGISTRY: dict[tuple[str, str], str] = {
     ("jax", "clipped"): "privbench.training.jax_steps:ClippedTrainer",
     ("torch", "standard"): "privbench.training.torch_steps:StandardTrainer",
     ("torch", "clipped"): "privbench.training.torch_steps:ClippedTrainer",
+    ("jax", "fast_dp"): "privbench.dp.fast_jax:FastDPTrainer",
+    ("torch", "fast_dp"): "privbench.dp.fast_torch:FastDPTrainer",
 }
 
-# Modes that take a microbatch size. Elsewhere a microbatch size is rejected
-# rather than ignored, so that a result is never labelled with a knob that had
-# no effect.
-MICROBATCH_MODES = {("jax", "clipped")}
+# Modes that take a microbatch size: how many examples are processed at once,
+# the update still being one per batch (jax: jax-privacy's microbatch_size;
+# torch: the physical batch of Opacus' BatchMemoryManager). Elsewhere a
+# microbatch size is rejected rather than ignored, so that a result is never
+# labelled with a knob that had no effect.
+MICROBATCH_MODES = {("jax", "clipped"), ("torch", "clipped")}
 
 # Import name -> pip name, for the missing-dependency message.
 _PIP_NAMES = {"jax_privacy": "jax-privacy", "jaxlib": "jax"}

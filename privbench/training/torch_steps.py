@@ -95,7 +95,7 @@ class _Trainer:
         """Host copies of the current parameters (for checks, not timing)."""
         return [p.detach().cpu().numpy().copy() for p in self._module.parameters()]
 
-    def _describe(self, model, size, batch_size, module, settings, **dp):
+    def _describe(self, model, size, batch_size, module, settings, microbatch_size=None, **dp):
         return {
             "framework": "torch",
             "model": model,
@@ -106,7 +106,7 @@ class _Trainer:
             "device": str(self._device),
             "learning_rate": settings["learning_rate"],
             "weight_decay": WEIGHT_DECAY,
-            "microbatch_size": None,
+            "microbatch_size": microbatch_size,
             **dp,
         }
 
@@ -142,12 +142,18 @@ class StandardTrainer(_Trainer):
 
 class ClippedTrainer(_Trainer):
     """Opacus make_private (per-example clipping, Gaussian noise, Poisson
-    sampling by default) around AdamW, fed from an in-memory data set."""
+    sampling by default) around AdamW, fed from an in-memory data set.
+
+    With a microbatch size, Opacus' BatchMemoryManager splits every logical
+    batch into physical batches of at most that many examples, whose clipped
+    gradients are summed before the one noisy update of the logical batch.
+    """
 
     mode = "clipped"
 
     def __init__(self, *, model, size, batch_size, microbatch_size, settings, seed, device):
         from opacus import PrivacyEngine
+        from opacus.utils.batch_memory_manager import wrap_data_loader
 
         grad_sample_mode = settings["grad_sample_mode"]
         check_grad_sample_mode(grad_sample_mode)
@@ -180,9 +186,16 @@ class ClippedTrainer(_Trainer):
             grad_sample_mode=grad_sample_mode,
             noise_generator=torch.Generator(self._device).manual_seed(seed),
         )
+        if microbatch_size is not None:
+            # The loader BatchMemoryManager hands out in its `with` block; the
+            # trainer outlives any block, so it keeps the loader itself.
+            self._loader = wrap_data_loader(
+                data_loader=self._loader, max_batch_size=microbatch_size, optimizer=self._optimizer
+            )
         self._batches = iter(self._loader)
         self.description = self._describe(
             model, size, batch_size, module, settings,
+            microbatch_size=microbatch_size,
             grad_sample_mode=grad_sample_mode,
             l2_clip_norm=clip,
             noise_std_effective=noise_multiplier * clip / self._optimizer.expected_batch_size,
@@ -199,9 +212,15 @@ class ClippedTrainer(_Trainer):
             return next(self._batches)
 
     def step(self):
-        *inputs, targets = self._next_batch()
-        self._optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(self._module(*inputs), targets)
-        loss.backward()
-        self._optimizer.step()
-        return loss.detach()
+        # One update: physical batches until the optimiser has stepped. Before
+        # the last physical batch of a logical one, Opacus only clips and
+        # accumulates (and flags the step as skipped); without a microbatch
+        # size every batch is the last.
+        while True:
+            *inputs, targets = self._next_batch()
+            self._optimizer.zero_grad(set_to_none=True)
+            loss = self._loss(self._module(*inputs), targets)
+            loss.backward()
+            self._optimizer.step()
+            if not self._optimizer._is_last_step_skipped:
+                return loss.detach()

@@ -21,7 +21,14 @@ def curve_summaries(experiment):
 def run_threads():
     # Benchmark jobs take every core they are given, so that locally two
     # timed runs never share the machine and disturb each other's timings.
+    # On a cluster, --cores (profiles/slurm: cores) is what one job asks for.
     return max(1, workflow.cores)
+
+
+def run_gpus():
+    # A benchmark job on platform cuda asks the scheduler for one GPU
+    # (SLURM: --gpus=1); the container runners add their GPU flags.
+    return 1 if config["platform"] == "cuda" else 0
 
 
 def curve_json(experiment):

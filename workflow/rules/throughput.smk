@@ -14,6 +14,7 @@ if "throughput" in config["experiments"]:
         resources:
             mem_mb=lambda wc: config["run"]["memory_budget_mb"] + 4096,
             runtime=lambda wc: int(config["run"]["timeout_s"] * 8 / 60) + 5,
+            gpu=run_gpus(),
         shell:
             "{PY} -m privbench sweep --curve-json {params.curve:q} --records-dir {params.records}"
             " --output {output} > {log} 2>&1"

@@ -1,0 +1,184 @@
+"""Cost of the kit's fast DP-SGD (mode ``fast_dp``) against non-private
+training, per workload and framework, on this machine.
+
+For every (workload, framework) one process builds both trainers at the same
+batch size and times them in alternation, step for step, so that both see
+the same background load; throughput is batch / median step time. Peak
+memory is measured apart, one fresh process per mode (the process's peak
+resident set, VmHWM, after a warm-up and a few steps), since a process never
+gives all of its memory back. One line per workload:
+
+    workload framework nonprivate_sps dp_sps ratio nonprivate_peak_mb dp_peak_mb memory_ratio
+
+Targets (the issue this mode answers): ratio >= 0.5 and memory_ratio <= 1.3.
+
+    .venv/bin/python benchmarks/dp_overhead.py                       # everything, small, batch 32
+    .venv/bin/python benchmarks/dp_overhead.py --workloads cnn --frameworks torch --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import ctypes
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODEL_WORKLOADS = ("cnn", "transformer", "state_space", "diffusion")
+EFFICIENTNET = "efficientnet_b0"  # torch only: torchvision's, GroupNorm, 100 classes, 32x32 inputs
+WORKLOADS = (*MODEL_WORKLOADS, EFFICIENTNET)
+MODES = ("standard", "fast_dp")
+EFFICIENTNET_LEARNING_RATE = 1e-3  # Adam, as on the torch benchmarks page
+
+
+def build_trainer(workload: str, framework: str, mode: str, size: str, batch: int, seed: int = 0):
+    """An object with step() and sync(handle), for either mode."""
+    if workload == EFFICIENTNET:
+        return EfficientNetTrainer(mode, batch, seed)
+    from privbench.training import make_trainer
+
+    return make_trainer(framework, workload, size, mode, batch, seed=seed)
+
+
+class EfficientNetTrainer:
+    """EfficientNet-B0 as the torch benchmarks page trains it under DP (BatchNorm
+    -> GroupNorm, SiLU out of place), on random 32x32 images, Adam; the same
+    model in both modes so that the ratio is the cost of DP alone."""
+
+    def __init__(self, mode: str, batch: int, seed: int):
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
+        from privbench.dp.fast_torch import make_private_fast
+        from privbench.training.cifar import build_model
+
+        self.model = build_model("opacus", seed)
+        rng = np.random.default_rng(seed)
+        self.images = torch.from_numpy(rng.standard_normal((batch, 3, 32, 32), dtype=np.float32))
+        self.labels = torch.from_numpy(rng.integers(0, 100, batch))
+        self.loss = F.cross_entropy
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=EFFICIENTNET_LEARNING_RATE)
+        if mode == "fast_dp":
+            self.dp = make_private_fast(self.model, optimizer, max_grad_norm=1.0, noise_multiplier=1.0,
+                                        noise_generator=torch.Generator().manual_seed(seed))
+        else:
+            self.dp, self.optimizer = None, optimizer
+
+    def step(self):
+        if self.dp is not None:
+            return self.dp.step(self.loss, (self.images,), self.labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(self.model(self.images), self.labels)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def sync(self, handle) -> None:
+        pass  # CPU: every step has finished when it returns
+
+
+def _limit_threads(threads: int | None) -> None:
+    """Before any framework import: the same thread count for torch and XLA."""
+    if threads is None:
+        return
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                               f" intra_op_parallelism_threads={threads}").strip()
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def time_both(workload, framework, size, batch, rounds, threads) -> dict:
+    """Step times of both modes, alternating one step of each per round."""
+    _limit_threads(threads)
+    trainers = {mode: build_trainer(workload, framework, mode, size, batch) for mode in MODES}
+    for trainer in trainers.values():  # warm-up: compilation, first-touch allocations
+        trainer.sync(trainer.step())
+    times = {mode: [] for mode in MODES}
+    for _ in range(rounds):
+        for mode, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.sync(trainer.step())
+            times[mode].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory(workload, framework, mode, size, batch, steps, threads) -> float:
+    """Peak resident set (MB) of a fresh process over training steps of one mode.
+
+    Both modes import the same libraries first (the DP mode's noise comes from
+    jax-privacy); after the warm-up step the heap that compilation freed is
+    handed back to the system and the peak reset, so that what is compared is
+    the training step, not imports or the one-off compilation.
+    """
+    _limit_threads(threads)
+    from privbench.memory import peak_rss_mb, reset_peak_rss
+
+    __import__(f"privbench.dp.fast_{framework}")
+    if framework == "jax":
+        __import__("jax_privacy")
+    trainer = build_trainer(workload, framework, mode, size, batch)
+    trainer.sync(trainer.step())
+    _release_freed_heap()
+    reset_peak_rss()
+    for _ in range(steps):
+        trainer.sync(trainer.step())
+    return peak_rss_mb()
+
+
+def _release_freed_heap() -> None:
+    """glibc keeps freed heap mapped (counted in the resident set); give it back."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the peak then includes what the allocator kept
+
+
+def in_fresh_process(function, *args):
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(function, *args).result()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--frameworks", nargs="+", choices=("jax", "torch"), default=["jax", "torch"])
+    parser.add_argument("--size", default="small", help="model size of the four model workloads")
+    parser.add_argument("--batch", type=int, default=32, help="batch of the four model workloads")
+    parser.add_argument("--efficientnet-batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5, help="timed steps per mode")
+    parser.add_argument("--memory-steps", type=int, default=2, help="steps after warm-up when measuring memory")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads for both frameworks (default: the libraries' own)")
+    args = parser.parse_args(argv)
+
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} load average {os.getloadavg()[0]:.2f}, "
+          f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}; sps = batch / median step time")
+    print("workload framework nonprivate_sps dp_sps ratio nonprivate_peak_mb dp_peak_mb memory_ratio")
+    for workload in args.workloads:
+        for framework in args.frameworks:
+            if workload == EFFICIENTNET and framework != "torch":
+                continue
+            batch = args.efficientnet_batch if workload == EFFICIENTNET else args.batch
+            times = in_fresh_process(time_both, workload, framework, args.size, batch, args.rounds,
+                                     args.threads)
+            sps = {mode: batch / statistics.median(times[mode]) for mode in MODES}
+            peaks = {mode: in_fresh_process(peak_memory, workload, framework, mode, args.size, batch,
+                                            args.memory_steps, args.threads) for mode in MODES}
+            print(f"{workload} {framework} {sps['standard']:.2f} {sps['fast_dp']:.2f} "
+                  f"{sps['fast_dp'] / sps['standard']:.2f} {peaks['standard']:.0f} {peaks['fast_dp']:.0f} "
+                  f"{peaks['fast_dp'] / peaks['standard']:.2f}", flush=True)
+    print(f"# finished {time.strftime('%Y-%m-%d %H:%M:%S')}, load average {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

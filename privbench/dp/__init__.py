@@ -1,0 +1,1 @@
+"""Differentially private training steps written by the kit itself."""

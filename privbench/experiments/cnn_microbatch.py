@@ -1,0 +1,445 @@
+"""Page "CNN Benchmark Results": what per-example clipping costs a CNN, what
+the microbatch size changes (throughput and peak memory), and, from the
+traced program, why.
+
+Per case (CNN size, batch size) and framework: one standard run and one
+clipped run per microbatch size, each a single run through the shared harness
+(measured exactly as on the "Benchmark Results" page). The microbatch size is
+jax-privacy's ``microbatch_size`` in JAX and the physical batch of Opacus'
+BatchMemoryManager in PyTorch. The JAXPR capture is a curve of its own
+(task "jaxpr"): one run per batch size, whose record holds the traced
+programs and the weight-gradient convolutions found in them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from privbench import harness, models, records
+from privbench.experiments import throughput
+from privbench.report import charts, pages, tables
+
+NAME = "cnn_microbatch"
+TITLE = "CNN Benchmark Results"
+PAGE = "cnn_benchmark_results.md"
+PUBLISHED = "cnn_benchmark_results"
+MODEL = "cnn"
+FRAMEWORK_LABELS = {"jax": "JAX (jax-privacy)", "torch": "PyTorch (Opacus)"}
+PROGRAM_LABELS = {"standard": "standard gradient", "clipped": "clipped gradient",
+                  "clipped_microbatch": "clipped gradient, microbatched"}
+# Two throughputs are called different only if they differ by more than this
+# or by more than the two runs' step-time spreads (coefficients of variation)
+# together, whichever is larger: a few timed steps on a CPU move by a few percent.
+CLOSE = 0.05
+PROCESS_PEAK = "process peak resident set (VmHWM)"  # throughput.device_peak_memory's CPU source
+
+
+# --------------------------------------------------------------------------- plan
+
+def config_problems(section: dict) -> list[str]:
+    """What the schema cannot check: divisibility and distinct cases."""
+    problems, seen = [], set()
+    for i, case in enumerate(section["cases"]):
+        key = (case["size"], case["batch_size"])
+        if key in seen:
+            problems.append(f"'{NAME}.cases.{i}' repeats size {key[0]} at batch {key[1]}: list each case once")
+        seen.add(key)
+        bad = [m for m in case["microbatch_sizes"] if case["batch_size"] % m]
+        if bad:
+            problems.append(f"'{NAME}.cases.{i}.microbatch_sizes' {bad} do not divide batch_size "
+                            f"{case['batch_size']}: choose divisors of the batch size")
+    jaxpr = section["jaxpr"]
+    if jaxpr["batch_cap"] < jaxpr["batch_start"]:
+        problems.append(f"'{NAME}.jaxpr.batch_cap' ({jaxpr['batch_cap']}) is smaller than "
+                        f"'{NAME}.jaxpr.batch_start' ({jaxpr['batch_start']})")
+    microbatch = jaxpr["microbatch_size"]
+    if microbatch is not None and jaxpr["batch_start"] % microbatch:
+        problems.append(f"'{NAME}.jaxpr.microbatch_size' ({microbatch}) does not divide "
+                        f"'{NAME}.jaxpr.batch_start' ({jaxpr['batch_start']}): choose a divisor or null")
+    return problems
+
+
+def run_curve_id(framework: str, size: str, batch: int, mode: str, microbatch: int | None) -> str:
+    return f"{framework}-{MODEL}-{size}-b{batch}-{mode}" + (f"-mb{microbatch}" if microbatch else "")
+
+
+def curves(config: dict) -> dict[str, dict]:
+    section = config[NAME]
+    common = {"experiment": NAME, "preset": config["preset"], "platform": config["platform"],
+              "runner": config["runner"]}
+    out = {}
+    for case in section["cases"]:
+        batch = case["batch_size"]
+        for framework in section["frameworks"]:
+            for mode, microbatch in [("standard", None), *(("clipped", m) for m in case["microbatch_sizes"])]:
+                limits = dict(config["run"])
+                if mode == "clipped" and "clipped_timeout_s" in case:
+                    limits["timeout_s"] = case["clipped_timeout_s"]
+                curve_id = run_curve_id(framework, case["size"], batch, mode, microbatch)
+                out[curve_id] = {
+                    **common, "curve_id": curve_id, "limits": limits, "batch_start": batch, "batch_cap": batch,
+                    "run": {"task": "throughput", "framework": framework, "model": MODEL, "size": case["size"],
+                            "mode": mode, "microbatch_size": microbatch, "settings": section["settings"],
+                            "warmup_steps": section["warmup_steps"], "timed_steps": section["timed_steps"]},
+                }
+    jaxpr = section["jaxpr"]
+    curve_id = f"jaxpr-{MODEL}-{jaxpr['size']}"
+    out[curve_id] = {
+        **common, "curve_id": curve_id, "limits": dict(config["run"]),
+        "batch_start": jaxpr["batch_start"], "batch_cap": jaxpr["batch_cap"],
+        "run": {"task": "jaxpr", "framework": "jax", "model": MODEL, "size": jaxpr["size"],
+                "microbatch_size": jaxpr["microbatch_size"], "settings": section["settings"]},
+    }
+    return out
+
+
+def make_run_spec(curve: dict, batch: int) -> dict:
+    limits = dict(curve["limits"])
+    config = {**curve["run"], "batch_size": batch, "seed": limits.pop("seed")}
+    single = curve["batch_start"] == curve["batch_cap"]
+    run_id = curve["curve_id"] if single else f"{curve['curve_id']}-b{batch}"
+    return harness.make_spec(NAME, curve["preset"], run_id, config, limits, curve["platform"])
+
+
+# --------------------------------------------------------------------------- worker side
+
+def import_frameworks(spec: dict) -> None:
+    if spec["config"]["task"] == "throughput":
+        throughput.import_frameworks(spec)
+        return
+    from privbench.errors import require
+    from privbench.experiments import import_framework
+
+    import_framework("jax")
+    require("jax_privacy")
+
+
+def measure(spec: dict, metrics: dict, phases: dict, progress) -> None:
+    cfg = spec["config"]
+    if cfg["task"] == "throughput":
+        throughput.measure(spec, metrics, phases, progress)
+        return
+    from privbench import jaxpr_evidence  # imports JAX: worker side only
+
+    t0 = time.perf_counter()
+    metrics["jaxpr"] = jaxpr_evidence.capture(cfg["size"], cfg["batch_size"], cfg["microbatch_size"],
+                                              cfg["settings"]["l2_clip_norm"], cfg["seed"])
+    phases["capture_s"] = time.perf_counter() - t0
+    progress(f"traced {len(metrics['jaxpr']['programs'])} programs in {phases['capture_s']:.1f} s")
+
+
+# --------------------------------------------------------------------------- report
+
+def chart_name(case: dict) -> str:
+    return f"cnn_microbatch_{case['size']}_b{case['batch_size']}.png"
+
+
+def page_outputs(config: dict) -> list[str]:
+    cases = config[NAME]["cases"]
+    return [str(Path(config["docs_dir"]) / PAGE), *(str(Path(config["assets_dir"]) / chart_name(c)) for c in cases)]
+
+
+def _sps(row) -> float | None:
+    return row["throughput_sps"] if row is not None and row["status"] == "ok" else None
+
+
+def _outcome(row) -> str:
+    """Throughput ±spread as on the "Benchmark Results" page, or what stopped the run
+    (a timeout saying how long the run was given)."""
+    if row is None:
+        return "not run"
+    return row["message"] if row["status"] == "timeout" else throughput._cell(row)
+
+
+def _percent(value) -> str:
+    return "-" if tables.is_missing(value) else f"{100 * value:.1f}%"
+
+
+def _peak(row) -> str:
+    """Peak memory; for a process peak (CPU), also what the run added beyond its imports."""
+    if row is None or row["status"] != "ok" or tables.is_missing(row.get("peak_memory_mb")):
+        return "-"
+    if row["memory_source"] != PROCESS_PEAK:  # a device allocator's peak: no host footprint to subtract
+        return f"{row['peak_memory_mb']:,.0f}"
+    return f"{row['peak_memory_mb']:,.0f} (+{row['peak_memory_mb'] - row['rss_after_import_mb']:,.0f})"
+
+
+def _published_case(published: dict, case: dict) -> dict | None:
+    return next((p for p in published["cases"]
+                 if p["size"] == case["size"] and p["batch_size"] == case["batch_size"]), None)
+
+
+class _Case:
+    """The runs of one case and one framework: the standard run and the clipped run per microbatch size."""
+
+    def __init__(self, runs: pd.DataFrame, framework: str, case: dict):
+        mine = runs[(runs.framework == framework) & (runs["size"] == case["size"])
+                    & (runs.batch_size == case["batch_size"])]
+        by_mode = {(r["mode"], None if r["mode"] == "standard" else int(r["microbatch_size"])): r
+                   for _, r in mine.iterrows()}
+        self.framework, self.case = framework, case
+        self.standard = by_mode.get(("standard", None))
+        self.clipped = {m: by_mode.get(("clipped", m)) for m in case["microbatch_sizes"]}
+
+    @property
+    def label(self) -> str:
+        return f"{FRAMEWORK_LABELS[self.framework]}, CNN {self.case['size']} at batch {self.case['batch_size']}"
+
+    def ratio(self, row) -> float | None:
+        sps, std = _sps(row), _sps(self.standard)
+        return sps / std if sps and std else None
+
+    def ok_clipped(self) -> dict[int, pd.Series]:
+        return {m: r for m, r in self.clipped.items() if _sps(r)}
+
+    def table(self, published: dict | None) -> str:
+        headers = ["Mode", "Microbatch Size", "Throughput (samples/s)", "Speedup vs Standard", "% of Standard",
+                   "Peak memory, MB (added by the run)"]
+        if published is not None:
+            headers += ["Published throughput", "Published % of Standard"]
+        rows = []
+        for mode, microbatch, row in [("Standard", "-", self.standard),
+                                      *(("Clipped", str(m), r) for m, r in self.clipped.items())]:
+            ratio = self.ratio(row)
+            cells = [mode, microbatch, _outcome(row), tables.fmt_ratio(ratio), _percent(ratio), _peak(row)]
+            if published is not None:
+                cells += _published_cells(published, mode, microbatch)
+            rows.append(cells)
+        return tables.markdown_table(headers, rows)
+
+
+def _published_cells(published: dict, mode: str, microbatch: str) -> list[str]:
+    if mode == "Standard":
+        return [tables.fmt(published["standard"]), "100.0%"]
+    value = published["clipped"].get(int(microbatch))
+    if value is None:
+        return [published.get("clipped_status", "-"), "-"]
+    return [tables.fmt(value), _percent(value / published["standard"])]
+
+
+def _cost_lines(views: list[_Case], published: dict) -> list[str]:
+    """Clipped throughput as a share of standard, per framework, with the published range."""
+    lines = []
+    for framework in dict.fromkeys(v.framework for v in views):
+        shares = [v.ratio(r) for v in views if v.framework == framework for r in v.clipped.values()]
+        shares = [s for s in shares if s]
+        if not shares:
+            lines.append(f"{FRAMEWORK_LABELS[framework]}: no clipped run finished beside a standard one, "
+                         "so no share is computed.")
+            continue
+        low, high = min(shares), max(shares)
+        line = (f"{FRAMEWORK_LABELS[framework]}: clipped training ran at {100 * low:.1f}-{100 * high:.1f}% "
+                f"of standard throughput across {len(shares)} clipped run(s)")
+        outpaced = sum(s >= 1 for s in shares)
+        if outpaced:  # per-example work makes a step slower, never faster: the timings were disturbed
+            line += (f"; {outpaced} clipped run(s) outpaced the standard run, which per-example clipping "
+                     "should not allow: treat those timings as disturbed and compare the spreads.")
+        else:
+            line += f", i.e. clipping cost {100 * (1 - high):.0f}-{100 * (1 - low):.0f}% of it."
+        lines.append(line)
+    published_shares = [value / p["standard"] for p in published["cases"] for value in p["clipped"].values()]
+    lines.append(f"Published (JAX): {100 * min(published_shares):.1f}-{100 * max(published_shares):.1f}% of "
+                 f"standard, a cost of {100 * (1 - max(published_shares)):.0f}-"
+                 f"{100 * (1 - min(published_shares)):.0f}%.")
+    return lines
+
+
+def _microbatch_findings(view: _Case) -> dict | None:
+    """Fastest microbatch against the whole batch, and peak memory from largest to smallest microbatch."""
+    ok = view.ok_clipped()
+    if len(ok) < 2:
+        return None
+    largest, smallest = max(ok), min(ok)
+    fastest = max(ok, key=lambda m: ok[m]["throughput_sps"])
+    gain = ok[fastest]["throughput_sps"] / ok[largest]["throughput_sps"]
+    spreads = [ok[m]["cv_step"] for m in {fastest, largest}]
+    margin = max(CLOSE, sum(s for s in spreads if not tables.is_missing(s)))
+    added = {m: r["peak_memory_mb"] - (r["rss_after_import_mb"] if r["memory_source"] == PROCESS_PEAK else 0)
+             for m, r in ok.items()}
+    by_size = [added[m] for m in sorted(ok, reverse=True)]
+    return {
+        "label": view.label, "largest": largest, "smallest": smallest, "fastest": fastest,
+        "largest_sps": ok[largest]["throughput_sps"], "fastest_sps": ok[fastest]["throughput_sps"],
+        "gain": gain, "margin": margin, "largest_is_fastest": gain <= 1 + margin,
+        "memory_largest": added[largest], "memory_smallest": added[smallest],
+        "memory_falls": all(a >= b for a, b in zip(by_size, by_size[1:])) and by_size[0] > by_size[-1],
+    }
+
+
+def _finding_line(f: dict) -> str:
+    margin = (f"{100 * f['margin']:.0f}% (the larger of {100 * CLOSE:.0f}% and the two runs' "
+              "step-time spreads together)")
+    speed = (f"microbatch {f['fastest']} was fastest ({f['fastest_sps']:.2f} samples/s), "
+             f"{f['gain']:.2f}x the throughput of microbatch {f['largest']} ({f['largest_sps']:.2f}), "
+             f"more than the margin of {margin}"
+             if not f["largest_is_fastest"] else
+             f"no smaller microbatch beat microbatch {f['largest']} ({f['largest_sps']:.2f} samples/s) "
+             f"by more than {margin}")
+    memory = (f"peak memory (added by the run) went from {f['memory_largest']:,.0f} MB at microbatch "
+              f"{f['largest']} to {f['memory_smallest']:,.0f} MB at {f['smallest']}")
+    return f"{f['label']}: {speed}; {memory}."
+
+
+def _recommendation(findings: list[dict], published: dict) -> str:
+    if not findings:
+        return ("Too few clipped runs finished to compare microbatch sizes, so this build makes no "
+                "recommendation about them.")
+    faster_small = [f for f in findings if not f["largest_is_fastest"]]
+    memory_falls = all(f["memory_falls"] for f in findings)
+    memory = ("Smaller microbatches lowered peak memory in every case measured."
+              if memory_falls else
+              "Smaller microbatches did not lower peak memory in every case measured (see the tables).")
+    agrees = published["recommended_microbatch"] == "largest"
+    if not faster_small:
+        speed = ("In every case the largest microbatch was the fastest, or no smaller one was faster beyond "
+                 "the spread of the measurements: on this system, use the largest microbatch that fits in memory"
+                 + (", as the published page advised." if agrees else "."))
+    else:
+        cases = "; ".join(f"{f['label']}: microbatch {f['fastest']}" for f in faster_small)
+        speed = (f"In {len(faster_small)} of {len(findings)} cases a smaller microbatch was faster than the whole "
+                 f"batch beyond the spread of the measurements ({cases}). On this system a larger microbatch is "
+                 "therefore not the faster choice"
+                 + (", contrary to the published advice to use the largest one that fits" if agrees else "")
+                 + ": pick the microbatch size by measuring it on the target hardware, among those that fit "
+                 "in memory.")
+    return f"{speed} {memory}"
+
+
+def _chart(views: list[_Case], case: dict, published: dict | None, assets_dir: Path) -> None:
+    series = {f"{v.framework} clipped": [(m, _sps(r), r["status"]) for m, r in v.clipped.items() if r is not None]
+              for v in views}
+    published_series = ({"jax clipped": sorted(published["clipped"].items())}
+                        if published and published["clipped"] else None)
+    standard = ", ".join(f"{v.framework} {tables.fmt(_sps(v.standard))}" for v in views)
+    charts.sweep_chart(series, f"CNN {case['size']}, batch {case['batch_size']}: clipped throughput "
+                       f"(standard: {standard} samples/s)", "samples / s", assets_dir / chart_name(case),
+                       published_series, xlabel="microbatch size")
+
+
+# ---- JAXPR section
+
+def _jaxpr_captures(frame: pd.DataFrame) -> tuple[list[dict], list[dict]]:
+    """(captures that ran, failed capture runs), by batch size."""
+    rows = frame[frame.task == "jaxpr"].sort_values("batch_size")
+    captures = [records.read_record(r.record_path)["metrics"]["jaxpr"] for r in rows.itertuples() if r.status == "ok"]
+    failed = [{"batch_size": int(r.batch_size), "status": r.status, "message": r.message}
+              for r in rows.itertuples() if r.status != "ok"]
+    return captures, failed
+
+
+def _relation(capture: dict) -> list[dict]:
+    """Per layer, standard vs clipped weight gradient, and whether the batch went into the feature groups."""
+    batch = capture["batch_size"]
+    standard = {c["layer"]: c for c in capture["programs"]["standard"]["weight_gradient_convs"]}
+    rows = []
+    for clipped in capture["programs"]["clipped"]["weight_gradient_convs"]:
+        std = standard.get(clipped["layer"])
+        c_out = clipped["kernel_shape"][3]
+        rows.append({
+            "batch_size": batch, "layer": clipped["layer"], "standard": std, "clipped": clipped,
+            "holds": (std is not None and std["feature_group_count"] == 1 and std["shape"][3] == c_out
+                      and clipped["feature_group_count"] == batch and clipped["shape"][3] == batch * c_out),
+        })
+    return rows
+
+
+def _jaxpr_context(captures: list[dict], published: dict, frame: pd.DataFrame, section: dict) -> dict | None:
+    if not captures:
+        return None
+    first = captures[0]
+    batch, microbatch = first["batch_size"], first["microbatch_size"]
+    layers = first["kernels"]
+    shown_layer = layers[1]["layer"] if len(layers) > 1 else layers[0]["layer"]  # the second conv, as published
+    programs = {name: {"label": label, "equation_count": p["equation_count"],
+                       "conv": next(c for c in p["weight_gradient_convs"] if c["layer"] == shown_layer),
+                       "convs": p["weight_gradient_convs"]}
+                for name, label in PROGRAM_LABELS.items() if (p := first["programs"].get(name))}
+    standard, clipped = programs["standard"]["conv"], programs["clipped"]["conv"]
+    micro = programs.get("clipped_microbatch", {}).get("conv")
+    ref = published["jaxpr"]
+    comparable = (ref["size"], ref["batch_size"], ref["layer"]) == (first["size"], batch, shown_layer)
+    relations = [row for capture in captures for row in _relation(capture)]
+    per_example_mb = 4 * first["param_count"] / 2**20  # float32 gradient of every parameter
+    microbatches = sorted({m for case in section["cases"] if case["size"] == first["size"]
+                           for m in case["microbatch_sizes"]}, reverse=True)
+    run_ids = list(frame[(frame.task == "jaxpr") & (frame.status == "ok")].sort_values("batch_size").run_id)
+    return {
+        "size": first["size"], "batch_size": batch, "microbatch_size": microbatch,
+        "kernels": layers, "shown_layer": shown_layer, "programs": programs,
+        "standard": standard, "clipped": clipped, "micro": micro,
+        # what the explanation states, checked on the captured values
+        "standard_sums": (standard["feature_group_count"] == 1 and standard["weight_gradients"] == 1
+                          and all(shape[0] == batch for shape in standard["operand_shapes"])),
+        "clipped_folds_batch": clipped["feature_group_count"] == batch and clipped["weight_gradients"] == batch,
+        "micro_loops": micro is not None and bool(micro["inside_loops"])
+        and micro["feature_group_count"] == microbatch and micro["weight_gradients"] == microbatch,
+        "published": ref if comparable else None,
+        "published_matches": comparable and all(
+            programs[mode]["conv"]["shape"] == ref[mode]["shape"]
+            and programs[mode]["conv"]["feature_group_count"] == ref[mode]["feature_group_count"]
+            for mode in ("standard", "clipped")),
+        "relation_table": tables.markdown_table(
+            ["Batch", "Layer (kernel)", "Standard: output, feature_group_count",
+             "Clipped: output, feature_group_count", "Batch folded into the feature groups"],
+            [[str(r["batch_size"]), f"{r['layer']} ({'x'.join(map(str, r['clipped']['kernel_shape']))})",
+              f"`{r['standard']['shape_text']}`, {r['standard']['feature_group_count']}" if r["standard"] else "-",
+              f"`{r['clipped']['shape_text']}`, {r['clipped']['feature_group_count']}",
+              "yes" if r["holds"] else "no"] for r in relations]),
+        "relation_holds": all(r["holds"] for r in relations),
+        "batches": [c["batch_size"] for c in captures],
+        "param_count": first["param_count"], "per_example_mb": per_example_mb,
+        "conv_share": sum(math.prod(k["shape"]) for k in layers) / first["param_count"],
+        "gradient_memory": [(m, m * per_example_mb) for m in microbatches],
+        "run_ids": run_ids,
+    }
+
+
+def report(config: dict, table_path: str | Path) -> None:
+    section = config[NAME]
+    frame = pd.read_csv(table_path)
+    published = pages.published(PUBLISHED)
+    assets_dir, docs_dir = Path(config["assets_dir"]), Path(config["docs_dir"])
+    runs = frame[frame.task == "throughput"]
+
+    cases, all_views = [], []
+    for case in section["cases"]:
+        views = [_Case(runs, framework, case) for framework in section["frameworks"]]
+        ref = _published_case(published, case)
+        _chart(views, case, ref, assets_dir)
+        params = runs[(runs["size"] == case["size"])].param_count.dropna()
+        cases.append({
+            "size": case["size"], "batch_size": case["batch_size"],
+            "input_shape": tuple(models.family(MODEL).SIZES[case["size"]]["input_shape"]),
+            "params": tables.params_label(int(params.iloc[0])) if len(params) else "not measured",
+            "chart": chart_name(case),
+            "tables": [{"label": FRAMEWORK_LABELS[v.framework], "framework": v.framework,
+                        "table": v.table(ref if v.framework == "jax" else None)} for v in views],
+            "published_status": ref.get("clipped_status") if ref else None,
+        })
+        all_views += views
+
+    findings = [f for f in map(_microbatch_findings, all_views) if f]
+    captures, failed_captures = _jaxpr_captures(frame)
+    context = {
+        "title": TITLE, "preset": config["preset"], "published": published, "runs": len(frame),
+        "status_summary": ", ".join(f"{n} {status}" for status, n in frame.status.value_counts().items()),
+        "system": pages.system_rows(frame),
+        "frameworks": [FRAMEWORK_LABELS[f] for f in section["frameworks"]],
+        "torch": "torch" in section["frameworks"],
+        "settings": section["settings"], "warmup_steps": section["warmup_steps"],
+        "timed_steps": section["timed_steps"], "memory_budget_mb": config["run"]["memory_budget_mb"],
+        "timeout_s": config["run"]["timeout_s"],
+        "process_peak": PROCESS_PEAK,
+        "memory_sources": sorted(set(runs.memory_source.dropna())) if "memory_source" in runs else [],
+        "cost_lines": _cost_lines(all_views, published),
+        "finding_lines": [_finding_line(f) for f in findings],
+        "recommendation": _recommendation(findings, published),
+        "cases": cases,
+        "jaxpr": _jaxpr_context(captures, published, frame, section),
+        "jaxpr_failed": failed_captures,
+    }
+    pages.render("cnn_benchmark_results.md.j2", context, docs_dir / PAGE)

@@ -1,0 +1,83 @@
+"""Page "Memory Profiling Analysis": the memory meter, the config section, the page from the tiny preset."""
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from privbench import config, records
+from privbench.experiments import memory_profile
+from privbench.profiling import SavedTensors, StepMeter, held_bytes
+
+MIB = 2**20
+
+
+def test_held_bytes_counts_a_shared_storage_once_in_its_first_group():
+    base = torch.zeros(MIB // 4)  # 1 MiB of float32
+    view = base[10:]
+    held = held_bytes({"first": [base], "second": [view, torch.zeros(10)]})
+    assert held == {"first": MIB, "second": 40}
+
+
+def test_saved_tensors_are_tracked_without_being_kept_alive():
+    saved = SavedTensors()
+    x = torch.randn(64, requires_grad=True)
+    with saved.tracking():
+        loss = (x.exp() * 2).sum()  # exp saves its output
+    assert held_bytes({"saved": saved.alive()})["saved"] >= 64 * 4
+    loss.backward()
+    assert saved.alive() == []  # freed by the backward pass: the tracking held no reference
+
+
+def test_cpu_meter_sees_allocations_and_frees_inside_sections():
+    meter = StepMeter(torch.device("cpu"), start_bytes=1000)
+    with meter:
+        with meter.section("outer"):
+            with meter.section("inner"):
+                temporary = torch.ones(MIB // 4)
+                del temporary
+            kept = torch.ones(MIB // 16)
+    sections = {s.name: s for s in meter.sections}
+    assert meter.start == 1000 and kept.numel()
+    assert sections["inner"].peak - sections["inner"].before >= MIB
+    assert sections["inner"].after - sections["inner"].before < MIB // 64
+    assert MIB // 4 <= sections["outer"].after - sections["outer"].before < MIB // 4 + MIB // 64
+    assert sections["outer"].peak >= sections["inner"].peak
+
+
+def test_unknown_method_is_named_in_the_config_error(repo_root):
+    raw = yaml.safe_load((repo_root / "config" / "tiny.yaml").read_text())
+    raw["memory_profile"]["methods"] = ["vanilla", "ghostt"]
+    with pytest.raises(config.ConfigError, match="memory_profile.methods.1"):
+        config.validate(raw)
+
+
+@pytest.mark.e2e
+def test_records_table_charts_and_page_agree(tiny_workflow):
+    results = tiny_workflow / "results"
+    table = pd.read_csv(results / "tables" / "memory_profile.csv")
+    assert sorted(table.method) == sorted(memory_profile.METHODS)
+    assert set(table.status) == {"ok"}
+    page = (tiny_workflow / "docs" / memory_profile.PAGE).read_text()
+    for _, row in table.iterrows():
+        metrics = records.read_record(row.record_path)["metrics"]
+        timeline = metrics["timeline_mb"]
+        assert metrics["peak_memory_mb"] == max(metrics["phase_peak_mb"].values())
+        assert metrics["peak_memory_mb"] >= max(timeline.values())
+        for point in memory_profile.POINTS:  # components add up to the measured level
+            assert sum(metrics[f"components_{point}_mb"].values()) == pytest.approx(timeline[point])
+        assert metrics["components_after_forward_mb"]["saved_activations"] > 0
+        label = memory_profile.METHOD_LABELS[row.method]
+        peak = memory_profile._mb(metrics["peak_memory_mb"])
+        assert f"| {label} |" in page and f"| {peak} |" in page
+    flash = records.read_record(table[table.method == "flash"].iloc[0].record_path)["metrics"]
+    assert {"backward: norms", "backward: clipped sum"} <= set(flash["part_times_s"])
+    ghost = records.read_record(table[table.method == "ghost"].iloc[0].record_path)["metrics"]
+    assert {c["type"] for c in ghost["norm_calls"]} == {"Linear", "Embedding"}
+    for name in ("memory_breakdown_tiny.png", "memory_timeline_tiny.png"):
+        assert (tiny_workflow / "assets" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"../assets/{name}" in page
+    assert "| 52,347 | 6,727 |" in page  # published figures beside the reproduced ones
+    assert "## 4. Is DP's extra memory made in the forward pass?" in page
+    assert "## 5. Do the Gram products of Opacus' linear norm sampler set a new peak?" in page
+    assert (tiny_workflow / "site" / "memory_profiling_analysis.html").exists()

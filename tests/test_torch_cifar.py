@@ -1,0 +1,189 @@
+"""Page "Torch benchmarks": the CIFAR-100 pull, the Flower federation and the page.
+
+No internet: archives in the exact CIFAR-100 format are generated and served
+on 127.0.0.1 (tests/cifar_archive.py).
+"""
+
+import os
+import pickle
+import signal
+import threading
+import time
+
+import pandas as pd
+import psutil
+import pytest
+
+from cifar_archive import serve
+from conftest import run_workflow
+from privbench import config as config_mod, harness, records
+from privbench.data import cifar100
+from privbench.experiments import torch_cifar
+
+
+@pytest.fixture
+def served_archive(tmp_path):
+    """A generated archive, a corrupted copy and a truncated copy, served over HTTP."""
+    folder = tmp_path / "served"
+    md5 = cifar100.write_archive(folder / "good.tar.gz", 40, 10)
+    data = (folder / "good.tar.gz").read_bytes()
+    corrupted = bytearray(data)
+    corrupted[len(data) // 2] ^= 0xFF
+    (folder / "corrupted.tar.gz").write_bytes(bytes(corrupted))
+    (folder / "truncated.tar.gz").write_bytes(data[: len(data) // 3])
+    return serve(folder), md5
+
+
+def test_pull_verifies_extracts_and_reads_the_official_format(served_archive, tmp_path):
+    base, md5 = served_archive
+    folder = cifar100.fetch(f"{base}/good.tar.gz", md5, tmp_path / "data", progress=lambda _: None)
+    assert sorted(p.name for p in folder.iterdir()) == ["meta", "test", "train"]
+    with open(folder / "train", "rb") as handle:  # as the CIFAR page documents reading it
+        train = pickle.load(handle, encoding="bytes")
+    assert set(train) == {b"data", b"fine_labels", b"coarse_labels", b"filenames", b"batch_label"}
+    assert train[b"data"].shape == (40, 3072)
+    with open(folder / "meta", "rb") as handle:
+        assert len(pickle.load(handle, encoding="bytes")[b"fine_label_names"]) == 100
+    images, labels = cifar100.load(tmp_path / "data")  # torchvision's reader
+    assert images.shape == (40, 32, 32, 3) and images.dtype.name == "uint8"
+    assert labels.tolist() == train[b"fine_labels"]
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["cifar-100-python"]  # no archive, no leftovers
+
+
+@pytest.mark.parametrize("name", ["corrupted", "truncated"])
+def test_bad_archive_is_rejected_without_leftovers_and_a_retry_works(served_archive, tmp_path, name):
+    base, md5 = served_archive
+    with pytest.raises(cifar100.DataError, match=f"has MD5 .* but data.cifar100.md5 is {md5}"):
+        cifar100.fetch(f"{base}/{name}.tar.gz", md5, tmp_path / "data", progress=lambda _: None)
+    assert list((tmp_path / "data").iterdir()) == []
+    cifar100.fetch(f"{base}/good.tar.gz", md5, tmp_path / "data", progress=lambda _: None)
+    assert cifar100.is_extracted(tmp_path / "data")
+
+
+def test_unreachable_url_names_the_config_key(tmp_path):
+    with pytest.raises(cifar100.DataError, match="could not download .*data.cifar100.url"):
+        cifar100.fetch("http://127.0.0.1:9/cifar-100-python.tar.gz", "0" * 32, tmp_path, progress=lambda _: None)
+
+
+@pytest.mark.e2e
+def test_workflow_rule_rejects_a_corrupted_archive(served_archive, tmp_path):
+    base, _ = served_archive
+    bad = f"data={{'dir': '{tmp_path}/data', 'cifar100': {{'url': '{base}/corrupted.tar.gz', 'md5': '{'0' * 32}'}}}}"
+    result = run_workflow(tmp_path, "cifar100", check=False, overrides=(bad,))
+    assert result.returncode != 0
+    log = (tmp_path / "results" / "logs" / "cifar100.log").read_text()
+    assert "privbench fetch-cifar100: error: the archive from" in log and "data.cifar100.md5" in log
+    assert not list((tmp_path / "data").glob("**/*"))  # nothing partial (Snakemake may drop the folder too)
+
+
+def test_configuration_batch_range_is_checked(tiny_config):
+    bad = {**tiny_config, "torch_cifar": {**tiny_config["torch_cifar"],
+                                          "configurations": {"opacus": {"batch_start": 8, "batch_cap": 4}}}}
+    with pytest.raises(config_mod.ConfigError, match="torch_cifar.configurations.opacus.batch_cap' .4. is smaller"):
+        config_mod.validate(bad)
+
+
+def test_privacy_levels():
+    assert [torch_cifar.privacy_level(dp, iso) for dp, iso in [(False, False), (True, False), (False, True),
+                                                               (True, True)]] == ["None", "Incomplete",
+                                                                                  "Incomplete", "OK"]
+
+
+@pytest.fixture
+def tiny_data_config(tiny_config, tmp_path):
+    """The tiny preset reading a small generated CIFAR-100 from tmp_path/data."""
+    md5 = cifar100.write_archive(tmp_path / "a.tar.gz", 32, 8)
+    cifar100.fetch(f"file://{tmp_path}/a.tar.gz", md5, tmp_path / "data", progress=lambda _: None)
+    tiny_config["data"]["dir"] = str(tmp_path / "data")
+    return tiny_config
+
+
+def test_a_batch_past_the_memory_budget_is_recorded_as_oom(tiny_data_config, tmp_path):
+    curve = torch_cifar.curves(tiny_data_config)["opacus"]
+    curve["limits"]["memory_budget_mb"] = 512  # per-sample gradients of 4.1M parameters x 32 examples do not fit
+    record = harness.run_isolated(torch_cifar.make_run_spec(curve, 32), tmp_path / "r.json")
+    assert record["status"] == "oom", record["message"]
+
+
+# --------------------------------------------------------------------------- Flower
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # ended meanwhile
+        return ""
+
+
+def _flower_processes(since: float) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "create_time"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.info["create_time"] >= since and ("flower-" in cmdline or "flwr" in cmdline):
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except psutil.Error:  # ended meanwhile
+                pass
+    return found
+
+
+@pytest.mark.e2e
+def test_a_client_dying_mid_round_fails_the_run_and_leaves_no_process(tiny_data_config, tmp_path):
+    curve = torch_cifar.curves(tiny_data_config)["flower"]
+    curve.update(rounds=1, timed_steps=200)  # a round far longer than the test waits
+    spec = torch_cifar.make_run_spec(curve, 2)
+    started = time.time()
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(record=harness.run_isolated(spec, tmp_path / "r.json")))
+    runner.start()
+    victim = None
+    while victim is None and runner.is_alive():  # once a ClientApp trains, kill client 1 (its SuperNode's group)
+        procs = psutil.Process().children(recursive=True)
+        if any("flwr-clientapp" in _cmdline(p) for p in procs):
+            victim = next(p for p in procs if "partition-id=1" in _cmdline(p))
+        time.sleep(0.2)
+    assert victim is not None, "the federation ended before a ClientApp started"
+    os.killpg(victim.pid, signal.SIGKILL)
+    runner.join(timeout=300)
+    record = records.read_record(tmp_path / "r.json")
+    assert record["status"] == "error"
+    assert record["message"].startswith("FederationError: client 1 (its SuperNode) stopped during the run "
+                                        "(killed by SIGKILL)")
+    assert time.time() - started < 240  # failed at once, not at the time limit
+    time.sleep(1)
+    assert _flower_processes(started) == []
+
+
+# --------------------------------------------------------------------------- the tiny workflow
+
+@pytest.mark.e2e
+def test_page_agrees_with_the_records(tiny_workflow, tiny_config):
+    results = tiny_workflow / "results"
+    table = pd.read_csv(results / "tables" / "torch_cifar.csv")
+    tiny = tiny_config["torch_cifar"]
+    assert set(table.configuration) == set(tiny["configurations"])
+    assert set(table.status) == {"ok"} and table.estimated.all()
+    page = (tiny_workflow / "docs" / "torch_benchmarks.md").read_text()
+    for row in table.itertuples():
+        record = records.read_record(row.record_path)
+        metrics = record["metrics"]
+        assert metrics["seconds_per_epoch"] == pytest.approx(row.seconds_per_epoch)
+        assert f"≈{metrics['seconds_per_epoch']:,.2f}" in page  # shown, and marked as an estimate
+        if row.configuration in ("opacus", "flower_opacus", "expanded_weights"):
+            assert metrics["epsilon"] > 0 and f"{metrics['epsilon']:.2f} (δ=1e-05)" in page
+        if row.federated:
+            assert len(metrics["round_times_s"]) == 2 and len(metrics["clients"]) == 2
+            assert sum(c["train_examples"] for c in metrics["clients"]) == tiny["train_subset"]
+    # the published figures beside the reproduced ones; BastionLab kept, with its stand-ins
+    assert "6,787.58 (16)" in page and "105.71 (256)" in page
+    assert page.count(torch_cifar.NOT_REPRODUCIBLE) == 4
+    assert page.count("not measured (no confidential VM)") == 2
+    baseline = table[table.configuration == "baseline"].sort_values("batch_size").iloc[-1]
+    opacus = table[table.configuration == "opacus"].iloc[0]
+    assert f"PyTorch + Opacus: {opacus.seconds_per_epoch / baseline.seconds_per_epoch:.1f}x the baseline" in page
+    charts = [torch_cifar.chart_name("cpu"),
+              *map(torch_cifar.published_chart_name, torch_cifar.PUBLISHED_CHART_DEVICES)]
+    for chart in charts:
+        assert (tiny_workflow / "assets" / chart).read_bytes()[:4] == b"\x89PNG"
+        assert f"../assets/{chart}" in page
+    assert (tiny_workflow / "site" / "torch_benchmarks.html").exists()
