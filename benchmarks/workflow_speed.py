@@ -1,6 +1,12 @@
 """Measure the foundation's own speed targets and print them (nothing is asserted).
 
     .venv/bin/python benchmarks/workflow_speed.py [--configfile config/tiny.yaml] [--out DIR]
+        [--config KEY=VALUE ...] [--in-place]
+
+--config items go to every snakemake call (e.g. the data section, to pull
+CIFAR-100 from a mirror). --in-place measures the outputs of an earlier run
+of the preset in the project's own results/, assets/ and docs/ (no first run:
+the paths must be those that run used, or every job would rerun).
 
 Prints, for the preset given (tiny by default):
   - a full first run of the workflow (wall time),
@@ -25,10 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 
 
-def snakemake(out: Path, configfile: str, *extra: str) -> float:
-    command = [SNAKEMAKE, "--cores", "all", "--configfile", configfile, "--config",
-               f"results_dir={out}/results", f"assets_dir={out}/assets", f"docs_dir={out}/docs",
-               f"site_dir={out}/site", *extra]
+def snakemake(out: Path | None, configfile: str, overrides: list[str], *extra: str) -> float:
+    paths = [] if out is None else [f"results_dir={out}/results", f"assets_dir={out}/assets",
+                                    f"docs_dir={out}/docs", f"site_dir={out}/site"]
+    # targets and flags first: --configfile and --config take every item after them
+    command = [SNAKEMAKE, "--cores", "all", *extra, "--configfile", configfile]
+    if paths or overrides:
+        command += ["--config", *paths, *overrides]
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
     return time.perf_counter() - started
@@ -56,28 +65,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configfile", default="config/tiny.yaml")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: a temporary one)")
+    parser.add_argument("--config", nargs="*", default=[], help="snakemake --config items for every call")
+    parser.add_argument("--in-place", action="store_true",
+                        help="measure an earlier run's outputs in results/, assets/, docs/ (no first run)")
     args = parser.parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="privbench-speed-"))
-
-    first = snakemake(out, args.configfile, "all")
-    print(f"first run of {args.configfile}: {first:.1f} s")
-    second = snakemake(out, args.configfile, "all")
+    if args.in_place:
+        out, results = None, REPO / "results"
+    else:
+        out = args.out or Path(tempfile.mkdtemp(prefix="privbench-speed-"))
+        results = out / "results"
+        first = snakemake(out, args.configfile, args.config, "all")
+        print(f"first run of {args.configfile}: {first:.1f} s")
+    second = snakemake(out, args.configfile, args.config, "all")
     print(f"second run, nothing changed: {second:.1f} s (target < 10 s) ratio {second / 10:.2f} of target")
     sys.path.insert(0, str(REPO))
     from privbench import config
 
     pages = [f"{name}_page" for name in config.load(REPO / args.configfile)["experiments"]]
-    rebuild = snakemake(out, args.configfile, "all", "--forcerun", *pages, "docs_index")
+    rebuild = snakemake(out, args.configfile, args.config, "all", "--forcerun", *pages, "docs_index")
     print(f"rebuild pages and charts from records: {rebuild:.1f} s (target < 30 s) ratio {rebuild / 30:.2f} of target")
 
-    table = pd.read_csv(out / "results" / "tables" / "throughput.csv")
+    table = pd.read_csv(results / "tables" / "throughput.csv")
     ok = table[table.status == "ok"]
     work = ok.phases_s_setup_s + ok.phases_s_warmup_s + ok.phases_s_timed_s
     print(f"harness overhead per run: mean {ok.harness_overhead_s.mean():.2f} s "
           f"(imports {ok.phases_s_import_s.mean():.2f} s) vs measured work {work.mean():.2f} s "
           f"over {len(ok)} runs; overhead/work ratio {ok.harness_overhead_s.sum() / work.sum():.2f}")
 
-    a, b = repeated_runs(out)
+    a, b = repeated_runs(Path(tempfile.mkdtemp(prefix="privbench-repeats-")))
     print(f"repeatability, jax cnn small standard b32: {a:.1f} vs {b:.1f} samples/s, "
           f"ratio {max(a, b) / min(a, b):.3f} (target <= 1.10)")
 

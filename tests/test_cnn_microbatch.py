@@ -71,6 +71,24 @@ def test_invalid_section_is_rejected_naming_the_key(repo_root, mutate, expected)
     assert expected in str(info.value)
 
 
+def test_fast_dp_is_one_run_per_case_and_framework_and_can_be_turned_off(repo_root):
+    raw = _raw(repo_root)
+    with_fast = cnn_microbatch.curves(config.validate(copy.deepcopy(raw)))
+    raw["cnn_microbatch"]["fast_dp"] = False
+    without = cnn_microbatch.curves(config.validate(raw))
+    added = sorted(set(with_fast) - set(without))
+    assert added == ["jax-cnn-tiny-b4-fast_dp", "torch-cnn-tiny-b4-fast_dp"]
+    for curve_id in added:
+        run = with_fast[curve_id]["run"]
+        assert (run["mode"], run["microbatch_size"]) == ("fast_dp", None)
+        assert with_fast[curve_id]["batch_start"] == with_fast[curve_id]["batch_cap"] == 4
+    # the other runs keep their ids and specs, so their existing records are reused
+    assert set(without) <= set(with_fast)
+    for curve_id, curve in without.items():
+        assert cnn_microbatch.make_run_spec(with_fast[curve_id], curve["batch_start"]) == \
+            cnn_microbatch.make_run_spec(curve, curve["batch_start"])
+
+
 def _runs(sps_by_microbatch: dict, cv: float) -> pd.DataFrame:
     rows = [{"framework": "jax", "size": "small", "batch_size": 32, "mode": "standard", "microbatch_size": None,
              "status": "ok", "throughput_sps": 200.0, "cv_step": cv, "peak_memory_mb": 500.0,
@@ -85,6 +103,26 @@ def _recommend(sps_by_microbatch: dict, cv: float) -> str:
     case = {"size": "small", "batch_size": 32, "microbatch_sizes": sorted(sps_by_microbatch, reverse=True)}
     findings = cnn_microbatch._microbatch_findings(cnn_microbatch._Case(_runs(sps_by_microbatch, cv), "jax", case))
     return cnn_microbatch._recommendation([findings], {"recommended_microbatch": "largest"})
+
+
+def test_fast_dp_row_and_summary_are_computed_from_its_run():
+    case = {"size": "small", "batch_size": 32, "microbatch_sizes": [32, 8]}
+    runs = _runs({32: 50.0, 8: 40.0}, cv=0.02)
+    runs = pd.concat([runs, pd.DataFrame([{**runs.iloc[0].to_dict(), "mode": "fast_dp", "microbatch_size": None,
+                                           "throughput_sps": 150.0, "peak_memory_mb": 450.0}])])
+    view = cnn_microbatch._Case(runs, "jax", case)
+    table = view.table({"standard": 100.0, "clipped": {32: 60.0}})
+    assert "| Fast DP (kit) | - | 150.00 ±2% | 0.75x | 75.0% | 450 (+250) | - | - |" in table
+    assert table.index("| Clipped | 8 |") < table.index("| Fast DP (kit) |")
+    assert cnn_microbatch._fast_dp_lines([view]) == [
+        "JAX: CNN small at batch 32: 75.0% of standard, 3.00x the throughput of the fastest jax-privacy "
+        "clipped run (microbatch 32)."]
+    failed = runs.copy()
+    failed.loc[failed["mode"] == "fast_dp", ["status", "throughput_sps"]] = ["oom", None]
+    line = cnn_microbatch._fast_dp_lines([cnn_microbatch._Case(failed, "jax", case)])[0]
+    assert line.startswith("JAX: CNN small at batch 32: no share computed (fast DP: OOM;")
+    # not configured: no row
+    assert "Fast DP" not in cnn_microbatch._Case(_runs({32: 50.0, 8: 40.0}, cv=0.02), "jax", case).table(None)
 
 
 def test_recommendation_follows_the_measurements():
@@ -107,11 +145,20 @@ def test_page_is_built_from_the_records(tiny_workflow):
     table = pd.read_csv(results / "tables" / "cnn_microbatch.csv")
     page = (tiny_workflow / "docs" / "cnn_benchmark_results.md").read_text()
     runs = table[table.task == "throughput"]
-    # jax and torch: one standard run and one clipped run per microbatch size
-    assert len(runs) == 2 * (1 + 2) and set(runs.status) == {"ok"}
+    # jax and torch: one standard run, one clipped run per microbatch size, one fast_dp run
+    assert len(runs) == 2 * (1 + 2 + 1) and set(runs.status) == {"ok"}
     for row in runs.itertuples():
         assert f"{row.throughput_sps:.2f} ±{100 * row.cv_step:.0f}%" in page
         assert f"{row.peak_memory_mb:,.0f} (+{row.peak_memory_mb - row.rss_after_import_mb:,.0f})" in page
+    for framework in ("jax", "torch"):  # the kit's fast DP-SGD: its own row, computed against standard
+        mine = runs[runs.framework == framework]
+        fast = mine[mine["mode"] == "fast_dp"].iloc[0]
+        assert pd.isna(fast.microbatch_size) and fast.batch_size == 4
+        share = fast.throughput_sps / mine[mine["mode"] == "standard"].iloc[0].throughput_sps
+        assert (f"| Fast DP (kit) | - | {fast.throughput_sps:.2f} ±{100 * fast.cv_step:.0f}% | {share:.2f}x | "
+                f"{100 * share:.1f}% |") in page
+        assert f"CNN tiny at batch 4: {100 * share:.1f}% of standard" in page
+    assert "**The kit's fast DP-SGD**" in page
     torch_mb1 = records.read_record(runs[(runs.framework == "torch") & (runs.microbatch_size == 1)].record_path.iloc[0])
     assert torch_mb1["metrics"]["microbatch_size"] == 1  # the Opacus physical batch was applied
     assert "| Mode | Microbatch Size | Throughput (samples/s) | Speedup vs Standard | % of Standard |" in page

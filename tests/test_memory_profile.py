@@ -45,6 +45,38 @@ def test_cpu_meter_sees_allocations_and_frees_inside_sections():
     assert sections["outer"].peak >= sections["inner"].peak
 
 
+def test_fast_dp_cut_into_phases_is_the_kits_own_step():
+    """The page times and meters fast_dp's step in three phases; the update stays FastDPOptimizer.step's."""
+    from privbench import models
+    from privbench.dp.fast_torch import make_private_fast
+    from privbench.training import DEFAULT_SETTINGS
+
+    cpu, batch, clip = torch.device("cpu"), 4, DEFAULT_SETTINGS["l2_clip_norm"]
+    run = memory_profile.build_method("fast_dp", "tiny", batch, seed=0, device=cpu)
+    assert run.description["noise_multiplier"] == DEFAULT_SETTINGS["noise_std"] * batch / clip
+    assert "ghost" in run.description["dp_methods"] and run.description["dp_fallback"] == []
+    family = models.family("transformer")
+    reference = models.build("torch", "transformer", "tiny", 0)
+    dp = make_private_fast(reference, torch.optim.AdamW(reference.parameters(), lr=DEFAULT_SETTINGS["learning_rate"]),
+                           max_grad_norm=clip, noise_multiplier=run.description["noise_multiplier"],
+                           expected_batch_size=batch, noise_generator=torch.Generator(cpu).manual_seed(0))
+    for _ in range(2):
+        run.zero_grad()
+        for _phase, parts in memory_profile._phase_functions(run):
+            for _part, fn in parts:
+                fn()
+        dp.optimizer.zero_grad(set_to_none=True)
+        dp.step(family.loss_torch, run.inputs, run.targets)
+    for mine, theirs in zip(run.model.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+    profiled = memory_profile.profile_step(run, "fast_dp", cpu)
+    assert profiled["components_after_forward_mb"]["hook_inputs"] > 0  # the recorded layer inputs and outputs
+    assert profiled["components_after_backward_mb"]["gradients"] > 0  # the clipped sums, before noise
+    assert {c["route"] for c in profiled["norm_calls"]} >= {"ghost", "segment", "stored"}
+    assert all(c["peak_mb"] >= c["before_mb"] for c in profiled["norm_calls"])
+
+
 def test_unknown_method_is_named_in_the_config_error(repo_root):
     raw = yaml.safe_load((repo_root / "config" / "tiny.yaml").read_text())
     raw["memory_profile"]["methods"] = ["vanilla", "ghostt"]
@@ -74,6 +106,17 @@ def test_records_table_charts_and_page_agree(tiny_workflow):
     assert {"backward: norms", "backward: clipped sum"} <= set(flash["part_times_s"])
     ghost = records.read_record(table[table.method == "ghost"].iloc[0].record_path)["metrics"]
     assert {c["type"] for c in ghost["norm_calls"]} == {"Linear", "Embedding"}
+    # the kit's fast DP-SGD: its own row (no published figures), its phases, its per-layer norms
+    fast = records.read_record(table[table.method == "fast_dp"].iloc[0].record_path)["metrics"]
+    assert set(fast["part_times_s"]) == {"forward", "backward", "step"}
+    assert {c["type"] for c in fast["norm_calls"]} == {"Linear", "Embedding", "LayerNorm"}
+    vanilla = records.read_record(table[table.method == "vanilla"].iloc[0].record_path)["metrics"]
+    label = memory_profile.METHOD_LABELS["fast_dp"]
+    assert (f"| {label} | - | - | - | - | {memory_profile._mb(fast['peak_memory_mb'])} | "
+            f"{1000 * fast['mean_step_s']:,.1f} | {fast['peak_memory_mb'] / vanilla['peak_memory_mb']:.2f}x | "
+            f"{fast['mean_step_s'] / vanilla['mean_step_s']:.2f}x |") in page
+    assert f"**The phases of {label}.**" in page
+    assert f"(here: {fast['dp_methods']})" in page  # each layer's route, as the run recorded it
     for name in ("memory_breakdown_tiny.png", "memory_timeline_tiny.png"):
         assert (tiny_workflow / "assets" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"../assets/{name}" in page

@@ -105,6 +105,54 @@ def test_a_batch_past_the_memory_budget_is_recorded_as_oom(tiny_data_config, tmp
     assert record["status"] == "oom", record["message"]
 
 
+# --------------------------------------------------------------------------- the kit's fast DP-SGD
+
+def test_fast_dp_trains_with_the_opacus_rows_model_sampling_and_accountant():
+    import numpy as np
+    import torch
+
+    from privbench.training.cifar import LocalTrainer
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), rng.integers(0, 100, 16)
+    settings = {"learning_rate": 1e-3, "l2_clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5,
+                "accountant": "rdp"}
+    fast, opacus = (LocalTrainer(method, images, labels, 4, settings, "cpu", 0) for method in ("fast_dp", "opacus"))
+    assert fast.privacy() == opacus.privacy() and fast.privacy()["epsilon"] > 0
+    assert fast.steps_per_epoch == opacus.steps_per_epoch == 4
+    assert fast.description["param_count"] == opacus.description["param_count"]  # GroupNorm alike
+    assert fast.description["dp_fallback"] == [] and len(fast.description["dp_layers"]) > 100
+    before = [p.detach().clone() for p in fast.model.parameters()]
+    fast.sync(fast.step())
+    assert any(not torch.equal(a, b) for a, b in zip(before, fast.model.parameters()))
+
+
+def _outcome(configuration: str, seconds: float, batch: int) -> torch_cifar.Outcome:
+    row = pd.Series({"configuration": configuration, "seconds_per_epoch": seconds, "batch_size": batch,
+                     "estimated": True, "timed_steps": 2, "epsilon": 3.5, "delta": 1e-5})
+    return torch_cifar.Outcome(row, f"batch cap {batch} reached", False)
+
+
+def test_fast_dp_row_ratio_and_batch_lines():
+    from privbench.report import pages
+
+    published = pages.published(torch_cifar.PUBLISHED)
+    outcomes = {"baseline": _outcome("baseline", 10.0, 64), "opacus": _outcome("opacus", 80.0, 16),
+                "fast_dp": _outcome("fast_dp", 20.0, 16)}
+    rows = torch_cifar._table_rows(published, outcomes, set(outcomes))
+    labels = [r[0] for r in rows]
+    assert labels[:3] == ["PyTorch (baseline)", "PyTorch + Opacus", "PyTorch + fast DP (kit)"]
+    fast = rows[2]
+    assert fast[1] == "Incomplete" and fast[2:6] == ["-"] * 4  # privacy as Opacus; nothing published
+    assert fast[6] == "≈20.00 (16)" and fast[7] == "3.50 (δ=1e-05)"
+    assert "PyTorch + 2-party Flower + fast DP (kit)" not in labels  # not configured, nothing published
+    lines = torch_cifar._ratio_lines(published, outcomes)
+    assert ("PyTorch + fast DP (kit): 2.0x the baseline's time per epoch (batch 16 against 64); 0.25x the "
+            "time per epoch of PyTorch + Opacus (batch 16)") in lines[1]
+    assert "PyTorch + fast DP (kit): batch 16 fitted; batch cap 16 reached (PyTorch + Opacus: batch 16)." in \
+        torch_cifar._batch_lines(outcomes)
+
+
 # --------------------------------------------------------------------------- Flower
 
 def _cmdline(proc: psutil.Process) -> str:
@@ -125,6 +173,18 @@ def _flower_processes(since: float) -> list[psutil.Process]:
             except psutil.Error:  # ended meanwhile
                 pass
     return found
+
+
+@pytest.mark.e2e
+def test_flower_with_the_kits_fast_dp(tiny_data_config, tmp_path):
+    """Not in the tiny preset (it would add a federation): one run, each client with fast_dp."""
+    tiny_data_config["torch_cifar"]["configurations"]["flower_fast_dp"] = {"batch_start": 2, "batch_cap": 2}
+    curve = torch_cifar.curves(tiny_data_config)["flower_fast_dp"]
+    record = harness.run_isolated(torch_cifar.make_run_spec(curve, 2), tmp_path / "r.json")
+    assert record["status"] == "ok", record["message"]
+    metrics = record["metrics"]
+    assert len(metrics["round_times_s"]) == 2 and metrics["epsilon"] > 0 and record["estimated"]
+    assert sum(c["train_examples"] for c in metrics["clients"]) == 32
 
 
 @pytest.mark.e2e
@@ -169,7 +229,7 @@ def test_page_agrees_with_the_records(tiny_workflow, tiny_config):
         metrics = record["metrics"]
         assert metrics["seconds_per_epoch"] == pytest.approx(row.seconds_per_epoch)
         assert f"≈{metrics['seconds_per_epoch']:,.2f}" in page  # shown, and marked as an estimate
-        if row.configuration in ("opacus", "flower_opacus", "expanded_weights"):
+        if row.configuration in ("opacus", "fast_dp", "flower_opacus", "flower_fast_dp", "expanded_weights"):
             assert metrics["epsilon"] > 0 and f"{metrics['epsilon']:.2f} (δ=1e-05)" in page
         if row.federated:
             assert len(metrics["round_times_s"]) == 2 and len(metrics["clients"]) == 2
@@ -181,6 +241,14 @@ def test_page_agrees_with_the_records(tiny_workflow, tiny_config):
     baseline = table[table.configuration == "baseline"].sort_values("batch_size").iloc[-1]
     opacus = table[table.configuration == "opacus"].iloc[0]
     assert f"PyTorch + Opacus: {opacus.seconds_per_epoch / baseline.seconds_per_epoch:.1f}x the baseline" in page
+    # the kit's fast DP-SGD: its own row (nothing published), its ratios, its bar
+    fast = table[table.configuration == "fast_dp"].iloc[0]
+    assert fast.epsilon == pytest.approx(opacus.epsilon)  # the same sampling and accountant
+    assert (f"| PyTorch + fast DP (kit) | Incomplete | - | - | - | - | ≈{fast.seconds_per_epoch:,.2f} "
+            f"({int(fast.batch_size)}) |") in page
+    assert (f"PyTorch + fast DP (kit): {fast.seconds_per_epoch / baseline.seconds_per_epoch:.1f}x the baseline's "
+            f"time per epoch") in page
+    assert f"{fast.seconds_per_epoch / opacus.seconds_per_epoch:.2f}x the time per epoch of PyTorch + Opacus" in page
     charts = [torch_cifar.chart_name("cpu"),
               *map(torch_cifar.published_chart_name, torch_cifar.PUBLISHED_CHART_DEVICES)]
     for chart in charts:

@@ -57,7 +57,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privbench import models
 from privbench.training import torch_steps
 
 # The methods, as listed by FastClipper.describe().
@@ -640,8 +639,16 @@ class FastDPOptimizer:
 
     def step(self, loss_fn: Callable, inputs: Sequence[torch.Tensor],
              targets: torch.Tensor) -> torch.Tensor:
-        """One update on a batch; returns the batch's mean loss (detached)."""
-        sums, loss = self.clipper.clipped_grad_sum(loss_fn, inputs, targets)
+        """One update on a batch; returns the batch's mean loss (detached).
+        An empty batch (Poisson sampling can draw no example) is an update by
+        the noise alone, as in Opacus; its loss is NaN."""
+        if len(targets) == 0:
+            if not self.expected_batch_size:
+                raise ValueError("an empty batch needs expected_batch_size (the divisor of the noisy sum)")
+            sums = [torch.zeros_like(p) for p in self.clipper.params]
+            loss = torch.full((), float("nan"), device=targets.device)
+        else:
+            sums, loss = self.clipper.clipped_grad_sum(loss_fn, inputs, targets)
         divisor = self.expected_batch_size or len(targets)
         std = self.noise_std_on_sum
         for param, total in zip(self.clipper.params, sums):
@@ -691,13 +698,7 @@ class FastDPTrainer(torch_steps._Trainer):
     mode = "fast_dp"
 
     def __init__(self, *, model, size, batch_size, microbatch_size, settings, seed, device):
-        family = models.family(model)
-        self._device = torch.device(device)
-        self._loss = family.loss_torch
-        self._module = models.build("torch", model, size, seed).to(self._device)
-        inputs, targets = family.synthetic_batch(size, batch_size, "torch", seed)
-        self._inputs = tuple(x.to(self._device) for x in inputs)
-        self._targets = targets.to(self._device)
+        self._build(model, size, batch_size, seed, device)
         clip = settings["l2_clip_norm"]
         noise_multiplier = settings["noise_std"] * batch_size / clip
         self._dp = make_private_fast(

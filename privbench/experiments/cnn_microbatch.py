@@ -4,9 +4,11 @@ traced program, why.
 
 Per case (CNN size, batch size) and framework: one standard run and one
 clipped run per microbatch size, each a single run through the shared harness
-(measured exactly as on the "Benchmark Results" page). The microbatch size is
-jax-privacy's ``microbatch_size`` in JAX and the physical batch of Opacus'
-BatchMemoryManager in PyTorch. The JAXPR capture is a curve of its own
+(measured exactly as on the "Benchmark Results" page), and (section key
+``fast_dp``, on by default) one run of the kit's own DP-SGD, mode ``fast_dp``,
+which takes no microbatch size (one forward and one backward pass). The
+microbatch size is jax-privacy's ``microbatch_size`` in JAX and the physical
+batch of Opacus' BatchMemoryManager in PyTorch. The JAXPR capture is a curve of its own
 (task "jaxpr"): one run per batch size, whose record holds the traced
 programs and the weight-gradient convolutions found in them.
 """
@@ -29,6 +31,10 @@ PAGE = "cnn_benchmark_results.md"
 PUBLISHED = "cnn_benchmark_results"
 MODEL = "cnn"
 FRAMEWORK_LABELS = {"jax": "JAX (jax-privacy)", "torch": "PyTorch (Opacus)"}
+FRAMEWORK_NAMES = {"jax": "JAX", "torch": "PyTorch"}
+DP_LIBRARIES = {"jax": "jax-privacy", "torch": "Opacus"}
+FAST_DP = "fast_dp"  # the kit's own DP-SGD (privbench.dp.fast_jax, fast_torch): one pass, no microbatch size
+FAST_DP_LABEL = "Fast DP (kit)"
 PROGRAM_LABELS = {"standard": "standard gradient", "clipped": "clipped gradient",
                   "clipped_microbatch": "clipped gradient, microbatched"}
 # Two throughputs are called different only if they differ by more than this
@@ -63,6 +69,12 @@ def config_problems(section: dict) -> list[str]:
     return problems
 
 
+def fast_dp_on(section: dict) -> bool:
+    """Whether the section asks for the fast_dp runs. The schema's default is true; a configuration
+    serialised before the key existed (a workflow started on older code) had none, hence False."""
+    return bool(section.get("fast_dp", False))
+
+
 def run_curve_id(framework: str, size: str, batch: int, mode: str, microbatch: int | None) -> str:
     return f"{framework}-{MODEL}-{size}-b{batch}-{mode}" + (f"-mb{microbatch}" if microbatch else "")
 
@@ -75,7 +87,10 @@ def curves(config: dict) -> dict[str, dict]:
     for case in section["cases"]:
         batch = case["batch_size"]
         for framework in section["frameworks"]:
-            for mode, microbatch in [("standard", None), *(("clipped", m) for m in case["microbatch_sizes"])]:
+            runs = [("standard", None), *(("clipped", m) for m in case["microbatch_sizes"])]
+            if fast_dp_on(section):  # after the others: their curve ids and specs are unchanged
+                runs.append((FAST_DP, None))
+            for mode, microbatch in runs:
                 limits = dict(config["run"])
                 if mode == "clipped" and "clipped_timeout_s" in case:
                     limits["timeout_s"] = case["clipped_timeout_s"]
@@ -179,11 +194,12 @@ class _Case:
     def __init__(self, runs: pd.DataFrame, framework: str, case: dict):
         mine = runs[(runs.framework == framework) & (runs["size"] == case["size"])
                     & (runs.batch_size == case["batch_size"])]
-        by_mode = {(r["mode"], None if r["mode"] == "standard" else int(r["microbatch_size"])): r
+        by_mode = {(r["mode"], None if tables.is_missing(r["microbatch_size"]) else int(r["microbatch_size"])): r
                    for _, r in mine.iterrows()}
         self.framework, self.case = framework, case
         self.standard = by_mode.get(("standard", None))
         self.clipped = {m: by_mode.get(("clipped", m)) for m in case["microbatch_sizes"]}
+        self.fast_dp = by_mode.get((FAST_DP, None))  # None: not configured (or not run)
 
     @property
     def label(self) -> str:
@@ -202,8 +218,10 @@ class _Case:
         if published is not None:
             headers += ["Published throughput", "Published % of Standard"]
         rows = []
-        for mode, microbatch, row in [("Standard", "-", self.standard),
-                                      *(("Clipped", str(m), r) for m, r in self.clipped.items())]:
+        shown = [("Standard", "-", self.standard), *(("Clipped", str(m), r) for m, r in self.clipped.items())]
+        if self.fast_dp is not None:
+            shown.append((FAST_DP_LABEL, "-", self.fast_dp))
+        for mode, microbatch, row in shown:
             ratio = self.ratio(row)
             cells = [mode, microbatch, _outcome(row), tables.fmt_ratio(ratio), _percent(ratio), _peak(row)]
             if published is not None:
@@ -215,6 +233,8 @@ class _Case:
 def _published_cells(published: dict, mode: str, microbatch: str) -> list[str]:
     if mode == "Standard":
         return [tables.fmt(published["standard"]), "100.0%"]
+    if mode == FAST_DP_LABEL:  # the kit's own mode: not on the published page
+        return ["-", "-"]
     value = published["clipped"].get(int(microbatch))
     if value is None:
         return [published.get("clipped_status", "-"), "-"]
@@ -245,6 +265,33 @@ def _cost_lines(views: list[_Case], published: dict) -> list[str]:
     lines.append(f"Published (JAX): {100 * min(published_shares):.1f}-{100 * max(published_shares):.1f}% of "
                  f"standard, a cost of {100 * (1 - max(published_shares)):.0f}-"
                  f"{100 * (1 - min(published_shares)):.0f}%.")
+    return lines
+
+
+def _fast_dp_lines(views: list[_Case]) -> list[str]:
+    """The kit's fast DP-SGD per framework: its throughput as a share of standard, and against the
+    fastest clipped run (jax-privacy / Opacus) of the same case."""
+    lines = []
+    for framework in dict.fromkeys(v.framework for v in views):
+        parts = []
+        for view in (v for v in views if v.framework == framework and v.fast_dp is not None):
+            case = f"CNN {view.case['size']} at batch {view.case['batch_size']}"
+            share = view.ratio(view.fast_dp)
+            if share is None:
+                parts.append(f"{case}: no share computed (fast DP: {_outcome(view.fast_dp)}; standard: "
+                             f"{_outcome(view.standard)})")
+                continue
+            text = f"{case}: {100 * share:.1f}% of standard"
+            if share >= 1:  # clipping adds per-example work: faster than standard means disturbed timings
+                text += " (faster than standard, which per-example clipping should not allow: treat as disturbed)"
+            ok = view.ok_clipped()
+            if ok:
+                best = max(ok, key=lambda m: ok[m]["throughput_sps"])
+                text += (f", {_sps(view.fast_dp) / ok[best]['throughput_sps']:.2f}x the throughput of the fastest "
+                         f"{DP_LIBRARIES[framework]} clipped run (microbatch {best})")
+            parts.append(text)
+        if parts:
+            lines.append(f"{FRAMEWORK_NAMES[framework]}: " + "; ".join(parts) + ".")
     return lines
 
 
@@ -315,9 +362,12 @@ def _chart(views: list[_Case], case: dict, published: dict | None, assets_dir: P
     published_series = ({"jax clipped": sorted(published["clipped"].items())}
                         if published and published["clipped"] else None)
     standard = ", ".join(f"{v.framework} {tables.fmt(_sps(v.standard))}" for v in views)
+    # the kit's fast DP-SGD takes no microbatch size: a horizontal line across the axis
+    references = {f"{v.framework} fast DP (kit, no microbatches)": (_sps(v.fast_dp), v.fast_dp["status"])
+                  for v in views if v.fast_dp is not None}
     charts.sweep_chart(series, f"CNN {case['size']}, batch {case['batch_size']}: clipped throughput "
                        f"(standard: {standard} samples/s)", "samples / s", assets_dir / chart_name(case),
-                       published_series, xlabel="microbatch size")
+                       published_series, xlabel="microbatch size", references=references)
 
 
 # ---- JAXPR section
@@ -436,6 +486,9 @@ def report(config: dict, table_path: str | Path) -> None:
         "process_peak": PROCESS_PEAK,
         "memory_sources": sorted(set(runs.memory_source.dropna())) if "memory_source" in runs else [],
         "cost_lines": _cost_lines(all_views, published),
+        "fast_dp": fast_dp_on(section),
+        "fast_dp_label": FAST_DP_LABEL,
+        "fast_dp_lines": _fast_dp_lines(all_views),
         "finding_lines": [_finding_line(f) for f in findings],
         "recommendation": _recommendation(findings, published),
         "cases": cases,

@@ -8,6 +8,8 @@ run of its own (one process, one record):
     ghost           Opacus make_private, grad_sample_mode="ghost" (ghost norms, two backward passes)
     flash           the kit's Flash Clipping (privbench.dp.flash): tiled exact norms, one backward pass
     flash_two_pass  the flash norm samplers registered in Opacus, inside its unchanged ghost path
+    fast_dp         the kit's fast DP-SGD (privbench.dp.fast_torch): one backward pass to the layer
+                    outputs, per-layer norms and clipped sums by the cheapest exact route
 
 Each run times its steps, then profiles one more step: the memory held at
 the start and after each phase (forward, backward, optimiser step), the peak
@@ -35,16 +37,18 @@ PAGE = "memory_profiling_analysis.md"
 PUBLISHED = "memory_profiling_analysis"
 
 MODEL = "transformer"
-METHODS = ("vanilla", "hooks", "ghost", "flash", "flash_two_pass")
+METHODS = ("vanilla", "hooks", "ghost", "flash", "flash_two_pass", "fast_dp")
+NO_OPACUS = ("vanilla", "fast_dp")  # methods whose runs do not use Opacus
 METHOD_LABELS = {
     "vanilla": "Vanilla (no DP)",
     "hooks": "Opacus hooks (per-example gradients)",
     "ghost": "Ghost Clipping (Opacus)",
     "flash": "Flash Clipping (kit, one backward pass)",
     "flash_two_pass": "Flash norms in Opacus' ghost path (two backward passes)",
+    "fast_dp": "Fast DP-SGD (kit)",
 }
 SHORT_LABELS = {"vanilla": "vanilla", "hooks": "hooks", "ghost": "ghost", "flash": "flash\n(one pass)",
-                "flash_two_pass": "flash norms\n(two passes)"}  # chart ticks
+                "flash_two_pass": "flash norms\n(two passes)", "fast_dp": "fast DP-SGD\n(kit)"}  # chart ticks
 PHASES = ("forward", "backward", "step")
 POINTS = ("start", "after_forward", "after_backward", "after_step")
 POINT_LABELS = {"start": "start", "after_forward": "after forward", "after_backward": "after backward",
@@ -57,7 +61,7 @@ COMPONENTS = {
     "per_example": "per-example norms or gradients",
     "inputs": "input batch",
     "saved_activations": "activations saved by autograd",
-    "hook_inputs": "layer inputs kept only by the DP hooks",
+    "hook_inputs": "layer inputs (fast DP-SGD: and outputs) kept only by the DP hooks",
     "other": "other (outputs, loss, temporaries)",
 }
 MB = 2**20
@@ -94,7 +98,7 @@ def import_frameworks(spec: dict) -> None:
     from privbench.experiments import import_framework
 
     import_framework("torch")
-    if spec["config"]["method"] != "vanilla":
+    if spec["config"]["method"] not in NO_OPACUS:
         require("opacus")
 
 
@@ -110,6 +114,11 @@ class MethodRun:
     inputs: tuple
     targets: object
     description: dict
+    # Where a method's step is not "module, loss_fn, backward parts, optimizer.step()" (fast_dp):
+    forward_fn: Callable | None = None  # () -> what the backward parts take
+    step_fn: Callable | None = None  # () -> None, the optimiser step phase
+    hook_tensors: Callable = list  # () -> tensors the method's own hooks keep (beyond Opacus' and flash's)
+    metered_norms: Callable | None = None  # (meter, calls) -> context metering its per-layer norms
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -131,7 +140,7 @@ class MethodRun:
             "inputs": [*self.inputs, self.targets],
             "saved_activations": saved.alive(),
             "hook_inputs": [t for m in self.model.modules() for inputs in getattr(m, "activations", [])
-                            for t in inputs] + [t for k in kept for t in k.activations],
+                            for t in inputs] + [t for k in kept for t in k.activations] + self.hook_tensors(),
         })
 
 
@@ -167,15 +176,19 @@ def build_method(method: str, size: str, batch_size: int, seed: int, device) -> 
     # DP: the noise of the kit's other pages (std noise_std on the mean clipped
     # gradient); a fixed batch (no Poisson sampling), so that every method's
     # memory is measured on the same batch.
+    noise_multiplier = DEFAULT_SETTINGS["noise_std"] * batch_size / clip
+    noise_generator = torch.Generator(device).manual_seed(seed)
+    description.update(l2_clip_norm=clip, noise_multiplier=noise_multiplier, poisson_sampling=False)
+    if method == "fast_dp":  # the model as the fast_dp training mode takes it (no Opacus fix-ups)
+        return _fast_dp_run(model, optimizer, family.loss_torch, inputs, targets, description, clip,
+                            noise_multiplier, noise_generator)
+
     from opacus.optimizers import DPOptimizerFastGradientClipping
 
     from privbench.dp import flash
     from privbench.training.torch_steps import make_opacus_compatible
 
     model = make_opacus_compatible(model)
-    noise_multiplier = DEFAULT_SETTINGS["noise_std"] * batch_size / clip
-    noise_generator = torch.Generator(device).manual_seed(seed)
-    description.update(l2_clip_norm=clip, noise_multiplier=noise_multiplier, poisson_sampling=False)
     if method == "flash":
         module = flash.GradSampleModuleFlashClipping(model, max_grad_norm=clip)
         optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=noise_multiplier,
@@ -209,19 +222,110 @@ def build_method(method: str, size: str, batch_size: int, seed: int, device) -> 
                      inputs, targets, description)
 
 
+@contextlib.contextmanager
+def _instead(obj, name: str, replacement):
+    """``obj.name`` is ``replacement`` inside the block (an attribute of this one object)."""
+    setattr(obj, name, replacement)
+    try:
+        yield
+    finally:
+        delattr(obj, name)
+
+
+def _fast_dp_run(model, optimizer, loss_fn, inputs, targets, description, clip, noise_multiplier,
+                 noise_generator) -> MethodRun:
+    """The fast_dp training mode's step (``privbench.dp.fast_torch``), unchanged, in the page's three phases.
+
+    ``FastDPOptimizer.step`` is one call: ``FastClipper.clipped_grad_sum`` (the forward pass with every
+    layer's input and output recorded by forward hooks; one backward pass, to the layer outputs only;
+    per layer, the per-example squared norms and then the clipped sum, without a second pass), then
+    the noise, the averaging and the AdamW step. Here the clipper's forward pass runs as the forward
+    phase; ``clipped_grad_sum`` runs as the backward phase, handed that forward pass's loss instead of
+    running its own; its clipped sums are left in ``.grad`` (where Opacus' ghost path leaves them) and
+    ``FastDPOptimizer.step`` runs as the optimiser step phase, handed those sums: noise, averaging,
+    AdamW. Nothing of the step is re-implemented: the phases are cut at the boundaries of its own calls.
+    """
+    import torch
+
+    from privbench.dp.fast_torch import make_private_fast
+
+    dp = make_private_fast(model, optimizer, max_grad_norm=clip, noise_multiplier=noise_multiplier,
+                           expected_batch_size=len(targets), noise_generator=noise_generator)
+    clipper = dp.clipper
+    routes = dp.describe(loss_fn, inputs, targets)
+    description.update(dp_methods=routes["dp_methods"], dp_fallback=routes["dp_fallback"],
+                       grad_sample_mode=None)
+
+    def forward():
+        return clipper._forward(loss_fn, tuple(inputs), targets)
+
+    def backward(loss):
+        with _instead(clipper, "_forward", lambda *_: loss):
+            sums, _ = clipper.clipped_grad_sum(loss_fn, inputs, targets)
+        for param, total in zip(clipper.params, sums):
+            param.grad = total
+
+    def step():
+        sums = [p.grad if p.grad is not None else torch.zeros_like(p) for p in clipper.params]
+        with _instead(clipper, "clipped_grad_sum", lambda *_: (sums, None)):
+            dp.step(loss_fn, inputs, targets)
+
+    def recorded():  # each layer's input and output, kept by the clipper's hooks until its sums are made
+        return [t for layer in clipper._layers for call in layer.calls
+                for t in (*call.args, call.output) if isinstance(t, torch.Tensor)]
+
+    return MethodRun(model, model, optimizer, loss_fn, [("backward", backward)], inputs, targets, description,
+                     forward_fn=forward, step_fn=step, hook_tensors=recorded,
+                     metered_norms=lambda meter, calls: _metered_fast_dp_rules(clipper, meter, calls))
+
+
+@contextlib.contextmanager
+def _metered_fast_dp_rules(clipper, meter, calls: list):
+    """Each layer's norm computation in the fast DP-SGD step as a meter section of its own (its route noted)."""
+    layers = clipper._layers
+    original = [layer.rule for layer in layers]
+
+    class Metered:
+        def __init__(self, rule, layer):
+            self.rule, self.layer = rule, layer
+
+        def __getattr__(self, name):
+            return getattr(self.rule, name)
+
+        def norms(self, module, x, g, method):
+            section = f"norm: {self.layer.name}"
+            calls.append({"layer": self.layer.name, "type": type(module).__name__, "section": section,
+                          "route": method, "input_shape": list(x.shape), "output_grad_shape": list(g.shape)})
+            with meter.section(section):
+                return self.rule.norms(module, x, g, method)
+
+    for layer in layers:
+        if layer.rule is not None:
+            layer.rule = Metered(layer.rule, layer)
+    try:
+        yield
+    finally:
+        for layer, rule in zip(layers, original):
+            layer.rule = rule
+
+
 def _phase_functions(run: MethodRun) -> list[tuple[str, list[tuple[str, Callable]]]]:
     """(phase, [(part, fn)]) in order; the parts of one step share the loss through ``state``."""
     state: dict = {}
 
     def forward():
-        state["loss"] = run.loss_fn(run.module(*run.inputs), run.targets)
+        state["loss"] = (run.forward_fn() if run.forward_fn is not None
+                         else run.loss_fn(run.module(*run.inputs), run.targets))
 
     def backward_part(fn):
         return lambda: fn(state["loss"])
 
     def step():
         state.clear()
-        run.optimizer.step()
+        if run.step_fn is not None:
+            run.step_fn()
+        else:
+            run.optimizer.step()
 
     return [("forward", [("forward", forward)]),
             ("backward", [(name, backward_part(fn)) for name, fn in run.backward_parts]),
@@ -319,6 +423,10 @@ def profile_step(run: MethodRun, method: str, device) -> dict:
 @contextlib.contextmanager
 def _metered_norm_samplers(run: MethodRun, meter, calls: list):
     """Wrap the norm samplers the run's module uses so that each call is a meter section of its own."""
+    if run.metered_norms is not None:
+        with run.metered_norms(meter, calls):
+            yield
+        return
     registry = getattr(run.module, "NORM_SAMPLERS", None)
     if registry is None:  # no norm samplers: vanilla, hooks
         yield
@@ -384,7 +492,7 @@ def _timeline_chart(results: dict[str, dict], title: str, path: Path) -> None:
 
 def _breakdown_chart(results: dict[str, dict], title: str, path: Path) -> None:
     points = ("after_forward", "after_backward")
-    fig, ax = charts.plt.subplots(figsize=(8, 4.5))
+    fig, ax = charts.plt.subplots(figsize=(max(8, 1.5 * len(results) + 1), 4.5))
     width = 0.38
     for i, (method, metrics) in enumerate(results.items()):
         for j, point in enumerate(points):
@@ -415,13 +523,17 @@ def _mb_change(value: float) -> str:
 def _forward_lines(results: dict[str, dict]) -> tuple[list[str], dict]:
     """Question 1, per DP method: extra memory after forward and at the peak, against vanilla."""
     vanilla = results["vanilla"]
-    lines, facts = [], {"forward_equal": True, "peaks_in_backward": True, "max_hook_inputs": 0.0}
+    lines, facts = [], {"forward_equal": True, "peaks_in_backward": True, "max_hook_inputs": 0.0,
+                        "more": [], "fast_dp": "fast_dp" in results}
     for method, metrics in results.items():
         if method == "vanilla":
             continue
         extra_forward = metrics["timeline_mb"]["after_forward"] - vanilla["timeline_mb"]["after_forward"]
         hook_inputs = metrics["components_after_forward_mb"]["hook_inputs"]
-        facts["forward_equal"] &= abs(extra_forward) <= 0.01 * vanilla["timeline_mb"]["after_forward"]
+        same = abs(extra_forward) <= 0.01 * vanilla["timeline_mb"]["after_forward"]
+        facts["forward_equal"] &= same
+        if not same and extra_forward > 0:
+            facts["more"].append(METHOD_LABELS[method])
         facts["peaks_in_backward"] &= metrics["peak_phase"] == "backward"
         facts["max_hook_inputs"] = max(facts["max_hook_inputs"], hook_inputs)
         held = []
@@ -432,8 +544,9 @@ def _forward_lines(results: dict[str, dict]) -> tuple[list[str], dict]:
         if norm_pass:
             held.append(f"held when its norm pass ends (layer inputs and output gradients kept for the clipped "
                         f"sum): {_mb(norm_pass['after'])} MB")
+        kept = "layer inputs and outputs" if method == "fast_dp" else "layer inputs"
         lines.append(f"{METHOD_LABELS[method]}: after the forward pass {_mb_change(extra_forward)} MB against vanilla "
-                     f"(layer inputs kept only by the hooks: {_mb(hook_inputs)} MB); peak "
+                     f"({kept} kept only by the hooks: {_mb(hook_inputs)} MB); peak "
                      f"{_mb_change(metrics['peak_memory_mb'] - vanilla['peak_memory_mb'])} MB against vanilla, reached "
                      f"in the {metrics['peak_phase']} phase" + "".join(f"; {h}" for h in held) + ".")
     return lines, facts
@@ -468,6 +581,20 @@ def _flash_norm_facts(results: dict[str, dict]) -> dict | None:
                 return {"method": METHOD_LABELS[method], "max_rise_mb": max(c["peak_mb"] - c["before_mb"] for c in calls),
                         "forms": ", ".join(forms)}
     return None
+
+
+def _fast_dp_facts(metrics: dict) -> dict:
+    """The fast DP-SGD run: the route of each layer's norm and the memory around those computations."""
+    calls = metrics["norm_calls"]
+    routes: dict[str, int] = {}
+    for call in calls:
+        routes[call["route"]] = routes.get(call["route"], 0) + 1
+    return {
+        "routes": ", ".join(f"{route} {n}" for route, n in sorted(routes.items())) or metrics.get("dp_methods", ""),
+        "calls": len(calls),
+        "max_rise_mb": max((c["peak_mb"] - c["before_mb"] for c in calls), default=None),
+        "fallback": metrics.get("dp_fallback") or [],
+    }
 
 
 def report(config: dict, table_path: str | Path) -> None:
@@ -580,10 +707,13 @@ def report(config: dict, table_path: str | Path) -> None:
         "vanilla": vanilla,
         "gram": _gram_facts(results["ghost"]) if "ghost" in results else None,
         "flash_norms": _flash_norm_facts(results),
+        "fast_dp": _fast_dp_facts(results["fast_dp"]) if "fast_dp" in results else None,
+        "fast_dp_label": METHOD_LABELS["fast_dp"],
         "tile": TILE,
         "targets": targets,
         "target_limits": TARGETS,
-        "pass_times": ({m: f"{1000 * results[m]['mean_step_s']:.1f} ms" for m in ("ghost", "flash", "flash_two_pass")}
+        "pass_times": ({m: f"{1000 * results[m]['mean_step_s']:.1f} ms" if m in results else None
+                        for m in ("ghost", "flash", "flash_two_pass", "fast_dp")}
                        if {"ghost", "flash", "flash_two_pass"} <= set(results) else None),
     }
     pages.render("memory_profiling_analysis.md.j2", context, docs_dir / PAGE)

@@ -1,6 +1,7 @@
 """Page "Torch benchmarks": EfficientNet-B0 on CIFAR-100, seconds per epoch and
-the largest batch that fits, for plain PyTorch, Opacus, 2-party Flower, both
-combined, and expanded-weights DP (the stand-in for the discontinued BastionLab).
+the largest batch that fits, for plain PyTorch, Opacus, the kit's own fast
+DP-SGD, 2-party Flower, Flower with either DP, and expanded-weights DP (the
+stand-in for the discontinued BastionLab).
 
 One curve per configuration: the batch size doubles (one process per run)
 until a run fails (out of memory, time limit, crash) or reaches the cap. Each
@@ -36,14 +37,21 @@ class Configuration:
     short: str  # chart tick
     method: str  # privbench.training.cifar.METHODS
     federated: bool
+    # The kit's own method: no published figures; set to the published
+    # configuration it does the same work as (compared with it on the page).
+    counterpart: str | None = None
 
 
+# In the order of the page's rows and bars (a kit's own row follows its counterpart).
 CONFIGURATIONS = {
     "baseline": Configuration("PyTorch (baseline)", "PyTorch Baseline", "standard", False),
     "opacus": Configuration("PyTorch + Opacus", "PyTorch + Opacus", "opacus", False),
+    "fast_dp": Configuration("PyTorch + fast DP (kit)", "PyTorch + fast DP (kit)", "fast_dp", False, "opacus"),
     "flower": Configuration("PyTorch + 2-party Flower", "PyTorch + 2-party Flower", "standard", True),
     "flower_opacus": Configuration("PyTorch + 2-party Flower + Opacus", "PyTorch + 2-party Flower + Opacus",
                                    "opacus", True),
+    "flower_fast_dp": Configuration("PyTorch + 2-party Flower + fast DP (kit)",
+                                    "PyTorch + 2-party Flower + fast DP (kit)", "fast_dp", True, "flower_opacus"),
     "expanded_weights": Configuration("PyTorch + expanded-weights DP", "Expanded-weights DP",
                                       "expanded_weights", False),
 }
@@ -339,7 +347,7 @@ def _published_cell(figures: dict, device: str) -> str:
         return ""
     seconds, batch = figures[device]
     shown = tables.fmt(seconds) if isinstance(seconds, (int, float)) else seconds
-    return f"{shown} ({batch})"
+    return f"{shown} ({batch})" if batch != "" else shown
 
 
 def _epsilon_cell(outcome: Outcome | None) -> str:
@@ -367,13 +375,19 @@ def _table_rows(published: dict, outcomes: dict[str, Outcome], configured: set[s
                 _epsilon_cell(outcome), status]
 
     rows = []
-    for ref in published["rows"]:
-        name = ref["configuration"]
-        conf, outcome = CONFIGURATIONS[name], outcomes.get(name)
+    refs = {ref["configuration"]: ref for ref in published["rows"]}
+    for name, conf in CONFIGURATIONS.items():
+        outcome = outcomes.get(name)
+        if name in refs:
+            figures = refs[name]["figures"]
+        elif conf.counterpart and (name in configured or outcome):
+            figures = {device: ("-", "") for device in PUBLISHED_DEVICES}  # no published figures
+        else:
+            continue  # a stand-in (shown under BastionLab), or a kit's own method this preset did not run
         attested = bool(outcome and outcome.attested)
         label = conf.label + (" in a TEE (attested)" if attested else "")
         rows.append(row(label, privacy_level(conf.method != "standard", conf.federated or attested),
-                        ref["figures"], outcome, _status_cell(outcome, name in configured)))
+                        figures, outcome, _status_cell(outcome, name in configured)))
     for ref in published["bastionlab"]:
         rows.append(row(ref["label"], ref["privacy"], ref["figures"], None, NOT_REPRODUCIBLE))
         name = ref["stand_in"]
@@ -402,6 +416,16 @@ def _ratio_lines(published: dict, outcomes: dict[str, Outcome]) -> list[str]:
         if name == "baseline" or outcome.row is None:
             continue
         ratio = outcome.row.seconds_per_epoch / base.row.seconds_per_epoch
+        counterpart = CONFIGURATIONS[name].counterpart
+        if counterpart:
+            other = outcomes.get(counterpart)
+            against = ("" if other is None or other.row is None else
+                       f"; {outcome.row.seconds_per_epoch / other.row.seconds_per_epoch:.2f}x the time per epoch "
+                       f"of {CONFIGURATIONS[counterpart].label} (batch {int(other.row.batch_size)})")
+            lines.append(f"{CONFIGURATIONS[name].label}: {ratio:.1f}x the baseline's time per epoch "
+                         f"(batch {int(outcome.row.batch_size)} against {int(base.row.batch_size)}){against}; "
+                         "the kit's own method, no published figure.")
+            continue
         ref_ratios = []
         for device in PUBLISHED_CHART_DEVICES:
             seconds, base_seconds = refs[name].get(device, [None])[0], refs["baseline"][device][0]
@@ -415,10 +439,15 @@ def _ratio_lines(published: dict, outcomes: dict[str, Outcome]) -> list[str]:
 
 
 def _batch_lines(outcomes: dict[str, Outcome]) -> list[str]:
+    def fitted(outcome: Outcome) -> str:
+        return f"batch {int(outcome.row.batch_size)}" if outcome.row is not None else "no batch"
+
     lines = []
     for name, outcome in outcomes.items():
-        fitted = f"batch {int(outcome.row.batch_size)}" if outcome.row is not None else "no batch"
-        lines.append(f"{CONFIGURATIONS[name].label}: {fitted} fitted; {outcome.end}.")
+        counterpart = CONFIGURATIONS[name].counterpart
+        against = (f" ({CONFIGURATIONS[counterpart].label}: {fitted(outcomes[counterpart])})"
+                   if counterpart in outcomes else "")
+        lines.append(f"{CONFIGURATIONS[name].label}: {fitted(outcome)} fitted; {outcome.end}{against}.")
     return lines
 
 

@@ -24,13 +24,17 @@ def save(fig, path: str | Path) -> None:
 
 def sweep_chart(series: dict[str, list[tuple[int, float | None, str]]], title: str, ylabel: str,
                 path: str | Path, published: dict[str, list[tuple[int, float]]] | None = None,
-                xlabel: str = "batch size") -> None:
+                xlabel: str = "batch size",
+                references: dict[str, tuple[float | None, str]] | None = None) -> None:
     """One line per series over batch size, or another power-of-two axis named by ``xlabel`` (log2).
 
     ``series`` maps a label to (batch, value, status) points; a point whose
     status is not ok is drawn as a marker on the x axis labelled with the
     failure (e.g. OOM), so the cut-off of each curve is visible.
-    ``published`` adds dashed reference lines.
+    ``published`` adds dashed reference lines. ``references`` maps a label to
+    (value, status) of a run that has no x value (e.g. a mode without a
+    microbatch size): a dotted horizontal line, labelled with its value, or,
+    for a failed run, a legend entry naming the failure.
     """
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (label, points) in enumerate(sorted(series.items())):
@@ -47,6 +51,13 @@ def sweep_chart(series: dict[str, list[tuple[int, float | None, str]]], title: s
     for i, (label, points) in enumerate(sorted((published or {}).items())):
         ax.plot([b for b, _ in points], [v for _, v in points], linestyle="--", marker=".",
                 color="gray", label=f"{label} (published)")
+    for i, (label, (value, status)) in enumerate(sorted((references or {}).items()), start=len(series)):
+        color = f"C{i % 10}"
+        if status == "ok" and value is not None:
+            ax.axhline(value, linestyle=":", linewidth=1.8, color=color, label=f"{label}: {value:.2f}")
+        else:
+            ax.plot([], [], linestyle=":", color=color,
+                    label=f"{label}: {FAILURE_MARKERS.get(status, (None, status))[1]}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -6,6 +6,10 @@ one. Methods:
     standard          plain PyTorch: torchvision's model as it is
     opacus            DP-SGD with Opacus, per-sample gradients by hooks;
                       BatchNorm -> GroupNorm (ModuleValidator.fix)
+    fast_dp           the same DP-SGD update as opacus (the same model, clip norm,
+                      noise multiplier, Poisson-sampled batches and accountant)
+                      by the kit's own fast DP-SGD
+                      (privbench.dp.fast_torch.make_private_fast)
     expanded_weights  DP-SGD with Opacus grad_sample_mode="ew" (torch's expanded
                       weights), BatchNorm -> Identity: the method of the
                       discontinued BastionLab server, measured as its stand-in
@@ -26,9 +30,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from privbench.training.torch_steps import make_opacus_compatible
 
-METHODS = ("standard", "opacus", "expanded_weights")
-# method -> (Opacus grad_sample_mode, what replaces BatchNorm)
-DP_METHODS = {"opacus": ("hooks", "group_norm"), "expanded_weights": ("ew", "identity")}
+METHODS = ("standard", "opacus", "fast_dp", "expanded_weights")
+# method -> (Opacus grad_sample_mode, None: the kit's fast DP-SGD; what replaces BatchNorm)
+DP_METHODS = {"opacus": ("hooks", "group_norm"), "fast_dp": (None, "group_norm"),
+              "expanded_weights": ("ew", "identity")}
 
 # CIFAR-100 training-set channel means and standard deviations.
 CHANNEL_MEAN = (0.5071, 0.4865, 0.4409)
@@ -86,6 +91,7 @@ class LocalTrainer:
         self.model = build_model(method, seed).to(self.device)
         self._mean = torch.tensor(CHANNEL_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(CHANNEL_STD, device=self.device).view(1, 3, 1, 1)
+        self._fast_dp = None
         data = TensorDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels))
         loader = DataLoader(data, batch_size=batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
@@ -93,7 +99,9 @@ class LocalTrainer:
         self.description = {"method": method, "train_examples": len(labels),
                             "param_count": sum(p.numel() for p in self.model.parameters()),
                             "learning_rate": settings["learning_rate"]}
-        if method in DP_METHODS:
+        if method == "fast_dp":
+            self._make_private_fast(loader, optimizer, images, labels, batch_size, seed)
+        elif method in DP_METHODS:
             from opacus import PrivacyEngine
 
             grad_sample_mode = DP_METHODS[method][0]
@@ -109,6 +117,29 @@ class LocalTrainer:
         self.steps_per_epoch = len(self._loader)
         self._batches = iter(self._loader)
 
+    def _make_private_fast(self, loader, optimizer, images, labels, batch_size: int, seed: int) -> None:
+        """DP-SGD by the kit's fast clipping, sampled and scaled as Opacus'
+        make_private does: Poisson-sampled batches (sample rate 1 / batches per
+        epoch), the noisy sum divided by the expected batch size."""
+        from opacus.data_loader import DPDataLoader
+
+        from privbench.dp.fast_torch import make_private_fast
+
+        s = self.settings
+        self._module, self._optimizer = self.model, optimizer
+        self._loader = DPDataLoader.from_data_loader(loader, generator=torch.Generator().manual_seed(seed))
+        self._fast_dp = make_private_fast(
+            self.model, optimizer, max_grad_norm=s["l2_clip_norm"], noise_multiplier=s["noise_multiplier"],
+            expected_batch_size=int(len(labels) * self._loader.sample_rate),
+            noise_generator=torch.Generator(self.device).manual_seed(seed))
+        # the layers' routes at this batch shape, for the record (one forward pass, no gradient)
+        first = torch.from_numpy(images[:batch_size]).permute(0, 3, 1, 2)
+        routes = self._fast_dp.describe(F.cross_entropy, (self._normalise(first),),
+                                        torch.from_numpy(labels[:batch_size]).to(self.device))
+        self.description.update(dp_engine="privbench.dp.fast_torch", norm_layers=DP_METHODS["fast_dp"][1],
+                                noise_multiplier=s["noise_multiplier"], l2_clip_norm=s["l2_clip_norm"],
+                                **routes)
+
     def privacy(self) -> dict:
         """Epsilon after one epoch (one pass over this party's data) at the configured delta."""
         if self.method not in DP_METHODS:
@@ -118,8 +149,13 @@ class LocalTrainer:
                                    s["delta"], s["accountant"]),
                 "delta": s["delta"], "accountant": s["accountant"], "sample_rate": self._loader.sample_rate}
 
+    def _normalise(self, inputs: torch.Tensor) -> torch.Tensor:
+        return (inputs.to(self.device).float().div_(255) - self._mean) / self._std
+
     def _train_on(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        x = (inputs.to(self.device).float().div_(255) - self._mean) / self._std
+        x = self._normalise(inputs)
+        if self._fast_dp is not None:  # clipped sum, noise and the optimiser's step in one call
+            return self._fast_dp.step(F.cross_entropy, (x,), targets.to(self.device))
         self._optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self._module(x), targets.to(self.device))
         loss.backward()

@@ -91,6 +91,16 @@ class _Trainer:
     def sync(self, handle) -> None:
         _synchronize(self._device)
 
+    def _build(self, model, size, batch_size, seed, device) -> None:
+        """The model and one fixed synthetic batch, on ``device``."""
+        family = models.family(model)
+        self._device = torch.device(device)
+        self._loss = family.loss_torch
+        self._module = models.build("torch", model, size, seed).to(self._device)
+        inputs, targets = family.synthetic_batch(size, batch_size, "torch", seed)
+        self._inputs = tuple(x.to(self._device) for x in inputs)
+        self._targets = targets.to(self._device)
+
     def param_arrays(self) -> list[np.ndarray]:
         """Host copies of the current parameters (for checks, not timing)."""
         return [p.detach().cpu().numpy().copy() for p in self._module.parameters()]
@@ -117,13 +127,7 @@ class StandardTrainer(_Trainer):
     mode = "standard"
 
     def __init__(self, *, model, size, batch_size, microbatch_size, settings, seed, device):
-        family = models.family(model)
-        self._device = torch.device(device)
-        self._loss = family.loss_torch
-        self._module = models.build("torch", model, size, seed).to(self._device)
-        inputs, targets = family.synthetic_batch(size, batch_size, "torch", seed)
-        self._inputs = tuple(x.to(self._device) for x in inputs)
-        self._targets = targets.to(self._device)
+        self._build(model, size, batch_size, seed, device)
         self._optimizer = torch.optim.AdamW(
             self._module.parameters(), lr=settings["learning_rate"]
         )

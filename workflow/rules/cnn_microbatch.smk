@@ -1,5 +1,5 @@
 # Page "CNN Benchmark Results": one job per run (standard, clipped per microbatch
-# size) and one per JAXPR capture, then table and page.
+# size, the kit's fast_dp unless turned off) and one per JAXPR capture, then table and page.
 
 from privbench import harness as privbench_harness
 
@@ -22,6 +22,7 @@ if "cnn_microbatch" in config["experiments"]:
         resources:
             mem_mb=lambda wc: config["run"]["memory_budget_mb"] + 4096,
             runtime=lambda wc: cnn_microbatch_runtime_min(curves_of("cnn_microbatch")[wc.curve]),
+            gpu=run_gpus(),
         shell:
             "{PY} -m privbench sweep --curve-json {params.curve:q} --records-dir {params.records}"
             " --output {output} > {log} 2>&1"
