@@ -140,11 +140,19 @@ def _read_result(path: Path) -> dict | None:
         return None
 
 
+ALLOCATION_FAILED = re.compile(r"allocate of <\d+> failed")
+
+
 def _classify(result, timed_out, returncode, timeout_s, tail) -> tuple[str, str | None]:
     text = "\n".join(tail)
     if timed_out:
         return "timeout", f"did not finish in {timeout_s:g} s"
     if result is not None:
+        if result["status"] == "error" and ALLOCATION_FAILED.search(text):
+            # XNNPACK/YNNPACK (JAX on CPU) report a failed allocation only on stderr and then
+            # raise a bare INTERNAL error: under a memory budget that is running out of memory.
+            line = ALLOCATION_FAILED.search(text).group(0)
+            return "oom", f"{result.get('message')} (after allocation failures on stderr: '{line}')"
         return result["status"], result.get("message")
     # The worker died without writing its result.
     if returncode is not None and returncode < 0:

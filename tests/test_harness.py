@@ -107,3 +107,13 @@ def test_missing_optional_dependency_names_package_and_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "opacus", None)  # what an absent package looks like to import
     with pytest.raises(MissingDependencyError, match="'opacus' is needed.*envs/requirements.txt"):
         require("opacus")
+
+
+def test_allocation_failures_on_stderr_make_an_internal_error_an_oom():
+    # JAX on CPU (YNNPACK) prints the failed allocation and raises a bare INTERNAL error.
+    tail = ["allocate of <13> failed.", "jax.errors.JaxRuntimeError: INTERNAL: YNNPACK operation failed: error"]
+    result = {"status": "error", "message": "JaxRuntimeError: INTERNAL: YNNPACK operation failed: error"}
+    status, message = harness._classify(result, False, 1, 60, tail)
+    assert status == "oom" and "allocate of <13> failed" in message and "YNNPACK" in message
+    # without the allocation failures it stays an error, with its message
+    assert harness._classify(result, False, 1, 60, tail[1:]) == ("error", result["message"])

@@ -176,8 +176,13 @@ def _flower_processes(since: float) -> list[psutil.Process]:
 
 
 @pytest.mark.e2e
-def test_flower_with_the_kits_fast_dp(tiny_data_config, tmp_path):
-    """Not in the tiny preset (it would add a federation): one run, each client with fast_dp."""
+def test_flower_with_the_kits_fast_dp(tiny_data_config, tmp_path, monkeypatch):
+    """Not in the tiny preset (it would add a federation): one run, each client with fast_dp.
+
+    The data folder is given relative to the working folder, as the presets give it: the
+    Flower processes, which run elsewhere, must still find it."""
+    monkeypatch.chdir(tmp_path)
+    tiny_data_config["data"]["dir"] = "data"
     tiny_data_config["torch_cifar"]["configurations"]["flower_fast_dp"] = {"batch_start": 2, "batch_cap": 2}
     curve = torch_cifar.curves(tiny_data_config)["flower_fast_dp"]
     record = harness.run_isolated(torch_cifar.make_run_spec(curve, 2), tmp_path / "r.json")

@@ -225,7 +225,10 @@ def _measure_federated(spec: dict, metrics: dict, phases: dict, progress) -> Non
     cfg = spec["config"]
     work = Path(tempfile.mkdtemp(prefix=f"privbench-{spec['run_id']}-"))
     try:
-        (work / "spec.json").write_text(json.dumps(spec))
+        # The Flower processes run in their own working folders: give them the data folder
+        # as an absolute path (the run spec, and so its hash, keeps the configured one).
+        app_spec = {**spec, "config": {**cfg, "data_dir": str(Path(cfg["data_dir"]).resolve())}}
+        (work / "spec.json").write_text(json.dumps(app_spec))
         results = work / "results"
         results.mkdir()
         t0 = time.perf_counter()
