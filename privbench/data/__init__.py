@@ -1,0 +1,1 @@
+"""Data sets the benchmarks train on, pulled and cached by the workflow."""
