@@ -260,3 +260,15 @@ def test_page_agrees_with_the_records(tiny_workflow, tiny_config):
         assert (tiny_workflow / "assets" / chart).read_bytes()[:4] == b"\x89PNG"
         assert f"../assets/{chart}" in page
     assert (tiny_workflow / "site" / "torch_benchmarks.html").exists()
+
+
+def test_full_epoch_is_timed_whole_and_not_labelled_an_estimate(tiny_data_config, tmp_path):
+    """The full preset's path: every step of one epoch timed, no extrapolation."""
+    tiny_data_config["torch_cifar"]["full_epoch"] = True
+    curve = torch_cifar.curves(tiny_data_config)["baseline"]
+    record = harness.run_isolated(torch_cifar.make_run_spec(curve, 16), tmp_path / "r.json")
+    assert record["status"] == "ok", record["message"]
+    metrics = record["metrics"]
+    assert not record["estimated"]
+    assert len(metrics["step_times_s"]) == metrics["train_examples"] // 16  # 32 images: 2 steps
+    assert metrics["seconds_per_epoch"] >= sum(metrics["step_times_s"])
