@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from privbench import records, runners, system
-from privbench.memory import looks_like_oom
+from privbench.memory import looks_like_oom, oom_evidence
 
 
 def _now() -> str:
@@ -140,19 +140,16 @@ def _read_result(path: Path) -> dict | None:
         return None
 
 
-ALLOCATION_FAILED = re.compile(r"allocate of <\d+> failed")
-
-
 def _classify(result, timed_out, returncode, timeout_s, tail) -> tuple[str, str | None]:
     text = "\n".join(tail)
     if timed_out:
         return "timeout", f"did not finish in {timeout_s:g} s"
     if result is not None:
-        if result["status"] == "error" and ALLOCATION_FAILED.search(text):
-            # XNNPACK/YNNPACK (JAX on CPU) report a failed allocation only on stderr and then
-            # raise a bare INTERNAL error: under a memory budget that is running out of memory.
-            line = ALLOCATION_FAILED.search(text).group(0)
-            return "oom", f"{result.get('message')} (after allocation failures on stderr: '{line}')"
+        # An error the worker could not tell from its exception (a bare INTERNAL error) may
+        # still show, in the worker's output, that it ran out of memory.
+        evidence = oom_evidence(text) if result["status"] == "error" else None
+        if evidence:
+            return "oom", f"{result.get('message')} (the run's output shows: '{evidence}')"
         return result["status"], result.get("message")
     # The worker died without writing its result.
     if returncode is not None and returncode < 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import resource
 
 MB = 1024 * 1024
@@ -65,7 +66,16 @@ OOM_MARKERS = (
     "can't allocate memory", "std::bad_alloc", "Cannot allocate memory", "CUDA out of memory",
     "OutOfMemoryError", "failed to allocate",
 )
+# XNNPACK/YNNPACK (JAX on CPU) print a failed allocation only on stderr, then raise a bare
+# INTERNAL error: under a memory budget that is running out of memory.
+OOM_PATTERN = re.compile("|".join([*map(re.escape, OOM_MARKERS), r"allocate of <\d+> failed"]))
+
+
+def oom_evidence(text: str) -> str | None:
+    """The first sign in ``text`` (an error message, a worker's output) of running out of memory."""
+    match = OOM_PATTERN.search(text)
+    return match.group(0) if match else None
 
 
 def looks_like_oom(text: str) -> bool:
-    return any(marker in text for marker in OOM_MARKERS)
+    return oom_evidence(text) is not None

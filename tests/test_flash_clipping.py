@@ -4,13 +4,12 @@ import pytest
 import torch
 from torch import nn
 
+from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.linear import compute_linear_grad_sample, compute_linear_norm_sample
+
 from privbench import models
 from privbench.dp import flash
-
-opacus = pytest.importorskip("opacus")
-from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping  # noqa: E402
-from opacus.grad_sample.conv import compute_conv_grad_sample  # noqa: E402
-from opacus.grad_sample.linear import compute_linear_grad_sample, compute_linear_norm_sample  # noqa: E402
 
 RTOL = 1e-4
 

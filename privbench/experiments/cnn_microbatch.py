@@ -41,7 +41,7 @@ PROGRAM_LABELS = {"standard": "standard gradient", "clipped": "clipped gradient"
 # or by more than the two runs' step-time spreads (coefficients of variation)
 # together, whichever is larger: a few timed steps on a CPU move by a few percent.
 CLOSE = 0.05
-PROCESS_PEAK = "process peak resident set (VmHWM)"  # throughput.device_peak_memory's CPU source
+PROCESS_PEAK = throughput.PROCESS_PEAK
 
 
 # --------------------------------------------------------------------------- plan

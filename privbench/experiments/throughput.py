@@ -20,6 +20,8 @@ NAME = "throughput"
 TITLE = "Benchmark Results"
 PAGE = "benchmark_results.md"
 PUBLISHED = "benchmark_results"
+# memory_source of a CPU run (device_peak_memory); pages subtract the footprint after imports from it
+PROCESS_PEAK = "process peak resident set (VmHWM)"
 
 
 # --------------------------------------------------------------------------- plan
@@ -104,7 +106,7 @@ def device_peak_memory(framework: str, device: str) -> dict:
                 "memory_source": "jax device memory_stats peak_bytes_in_use"}
     from privbench.memory import peak_rss_mb
 
-    return {"peak_memory_mb": peak_rss_mb(), "memory_source": "process peak resident set (VmHWM)"}
+    return {"peak_memory_mb": peak_rss_mb(), "memory_source": PROCESS_PEAK}
 
 
 # --------------------------------------------------------------------------- report
