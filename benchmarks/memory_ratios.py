@@ -9,9 +9,11 @@ interleaved, and keeps each method's median time), then prints:
   - the targets: flash within 1.3x of vanilla's time per step and 1.15x of its
     peak memory, and its peak not above ghost clipping's;
   - where flash's time goes: its phases beside vanilla's, and for every linear
-    layer of the model the cost of its norm (the form flash chose, the other
-    form, Opacus' ghost norm), of its clipped sum, and of the weight gradient
-    vanilla computes for it (timed in this process, best of --repeats).
+    layer of the model the route the one-pass module takes and the cost of each
+    route (kept per-example gradients and their weighted sum; the norm
+    sampler's chosen and other form and the product clipped sum), of Opacus'
+    ghost norm, and of the weight gradient vanilla computes for it (timed in
+    this process, best of --repeats).
 """
 
 from __future__ import annotations
@@ -58,9 +60,9 @@ def best_ms(fn, repeats: int) -> float:
 
 
 def layer_costs(size: str, batch: int, repeats: int) -> list[tuple]:
-    """Per linear layer (one of each shape): milliseconds of each computation on random data."""
+    """Per linear layer (one of each shape): the one-pass route and milliseconds of each computation on random data."""
     import torch
-    from opacus.grad_sample.linear import compute_linear_norm_sample
+    from opacus.grad_sample.linear import compute_linear_grad_sample, compute_linear_norm_sample
 
     from privbench.dp import flash
 
@@ -76,13 +78,21 @@ def layer_costs(size: str, batch: int, repeats: int) -> list[tuple]:
         coefficients = torch.rand(batch)
         chosen = flash.choose_form(rows, d, p)
         other = "direct" if chosen == "gram" else "gram"
+
+        def per_example():  # the kept route: per-example gradients and their norms
+            grads = compute_linear_grad_sample(layer, [a], g)
+            return grads, {q: gs.reshape(batch, -1).norm(dim=1) for q, gs in grads.items()}
+
+        grads, _ = per_example()
         out.append((
-            name, d, p, chosen,
+            name, d, p, "kept" if flash.per_example_fits(layer, [a], g) else chosen,
             best_ms(lambda: g.reshape(-1, p).T @ a.reshape(-1, d), repeats),
+            best_ms(per_example, repeats),
+            best_ms(lambda: flash._Kept(layer, [], None, grads, 1.0).clipped_sums(coefficients), repeats),
             best_ms(lambda: flash.per_sample_sq_norms(a, g, form=chosen), repeats),
             best_ms(lambda: flash.per_sample_sq_norms(a, g, form=other), repeats),
-            best_ms(lambda: compute_linear_norm_sample(layer, [a], g), repeats),
             best_ms(lambda: flash._Kept(layer, [a], g, None, 1.0).clipped_sums(coefficients), repeats),
+            best_ms(lambda: compute_linear_norm_sample(layer, [a], g), repeats),
         ))
     return out
 
@@ -124,12 +134,14 @@ def main() -> None:
                      for k in runs[method][0]["part_times_s"]}
             print(f"{method} phases (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
 
-    print(f"\nper linear layer, batch {section['batch_size']} x T (ms, best of {args.repeats}; "
-          "vanilla computes the weight gradient, flash the norm and the clipped sum instead):")
-    print(f"{'layer':18s} {'d':>5s} {'p':>6s} {'form':>7s} {'weight grad':>12s} {'flash norm':>12s} "
-          f"{'other form':>12s} {'ghost norm':>12s} {'clipped sum':>12s}")
-    for name, d, p, form, *costs in layer_costs(section["size"], section["batch_size"], args.repeats):
-        print(f"{name:18s} {d:5d} {p:6d} {form:>7s} " + " ".join(f"{c:12.1f}" for c in costs))
+    print(f"\nper linear layer, batch {section['batch_size']} x T (ms, best of {args.repeats}); vanilla computes "
+          "the weight gradient; one-pass flash either keeps the per-example gradients (route 'kept': form them "
+          "and their norms, later a weighted sum) or takes the norm sampler's form (gram/direct) and later a "
+          "product of the kept input and output gradient:")
+    print(f"{'layer':18s} {'d':>5s} {'p':>6s} {'route':>7s} {'weight grad':>12s} {'per-ex+norm':>12s} "
+          f"{'weighted sum':>12s} {'flash norm':>12s} {'other form':>12s} {'product sum':>12s} {'ghost norm':>12s}")
+    for name, d, p, route, *costs in layer_costs(section["size"], section["batch_size"], args.repeats):
+        print(f"{name:18s} {d:5d} {p:6d} {route:>7s} " + " ".join(f"{c:12.1f}" for c in costs))
 
 
 if __name__ == "__main__":

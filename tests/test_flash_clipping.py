@@ -116,10 +116,17 @@ def _naive_clipped_sum(model, loss_fn, inputs, targets, clip):
     return total
 
 
-def _transformer_case():
+def _transformer_case(seq_len=None):
     family = models.family("transformer")
-    (tokens,), targets = family.synthetic_batch("tiny", 5, "torch", 0)
-    return models.build("torch", "transformer", "tiny", 0), family.loss_torch, tokens, targets
+    if seq_len is None:  # the tiny size: 8 tokens, too few for per-example linear gradients to fit
+        (tokens,), targets = family.synthetic_batch("tiny", 5, "torch", 0)
+        return models.build("torch", "transformer", "tiny", 0), family.loss_torch, tokens, targets
+    torch.manual_seed(0)
+    spec = {**family.SIZES["tiny"], "seq_len": seq_len}
+    tokens, targets = (torch.randint(0, spec["vocab_size"], (4, seq_len)) for _ in range(2))
+    from privbench.models.transformer import _torch_class  # the same model class at another length
+
+    return _torch_class()(**spec), family.loss_torch, tokens, targets
 
 
 def _cnn_case():
@@ -127,18 +134,40 @@ def _cnn_case():
     return _SmallCNN(), nn.functional.cross_entropy, torch.randn(6, 3, 8, 8), torch.randint(0, 4, (6,))
 
 
-@pytest.mark.parametrize("case", [_transformer_case, _cnn_case], ids=["transformer", "cnn"])
-def test_one_pass_clipped_sum_equals_per_example_loop(case):
+CASES = {"transformer": _transformer_case, "transformer-long": lambda: _transformer_case(seq_len=64),
+         "cnn": _cnn_case}
+
+
+@pytest.mark.parametrize("keep_per_example", [True, False], ids=["auto", "norm-samplers-only"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_one_pass_clipped_sum_equals_per_example_loop(case, keep_per_example):
     model, loss_fn, inputs, targets = case()
     clip = 0.05  # below every example's norm: every example is clipped
     expected = _naive_clipped_sum(model, loss_fn, inputs, targets, clip)
-    module = flash.GradSampleModuleFlashClipping(model, max_grad_norm=clip)
+    module = flash.GradSampleModuleFlashClipping(model, max_grad_norm=clip, keep_per_example=keep_per_example)
+    routes = {}
+    route = module.route
+    module.route = lambda layer, a, g: routes.setdefault(type(layer), set()).add(route(layer, a, g)) or route(layer, a, g)
     for _ in range(2):  # a second step on the same module gives the same sums
         model.zero_grad(set_to_none=True)
         module.clipped_backward(loss_fn(module(inputs), targets))
         assert not module.kept
         for param, ref in zip(model.parameters(), expected):
             _assert_close(param.grad, ref)
+    weights = set().union(*(routes.get(t, set()) for t in (nn.Linear, nn.Conv2d)))
+    if not keep_per_example:
+        assert weights == {"norm_sampler"}
+    elif case is not _transformer_case:  # long enough sequences / small enough layers: the kept route is taken
+        assert "per_example" in weights
+
+
+def test_route_keeps_per_example_gradients_only_where_they_fit():
+    module = flash.GradSampleModuleFlashClipping(nn.Sequential(nn.Linear(256, 1024)))
+    layer = module._module[0]
+    for rows, expected in [(256, "per_example"), (128, "norm_sampler")]:  # d * p <= T * (d + p)?
+        a, g = torch.zeros(2, rows, 256), torch.zeros(2, rows, 1024)
+        assert module.route(layer, [a], g) == expected
+    assert module.route(nn.LayerNorm(4), [torch.zeros(2, 1, 4)], torch.zeros(2, 1, 4)) == "per_example"
 
 
 def test_two_pass_opacus_path_with_flash_norms_equals_per_example_loop():

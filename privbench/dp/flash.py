@@ -20,10 +20,15 @@ so that its fast-gradient-clipping path (``make_private(...,
 grad_sample_mode="ghost")``) computes Linear and Conv2d norms this way; that
 path still runs two backward passes (norms, then the reweighted loss).
 :class:`GradSampleModuleFlashClipping` is Opacus' fast-gradient-clipping
-module with the same norm samplers and one backward pass: its hooks keep each
-layer's input and output gradient, and once the norms are known the clipped
-sum sum_n c_n A_n^T G_n = A^T (c * G) is one matrix product per layer (the
-"book-keeping" trick of Bu et al., 2023), in place of a second backward pass.
+module with the same norm samplers and one backward pass, in place of a
+second backward pass (the "book-keeping" trick of Bu et al., 2023). Its hooks
+keep, per layer, what the clipped sum sum_n c_n g_n needs once every norm is
+known, whichever takes less memory:
+- the layer's per-example gradients, formed in the backward pass (their norms
+  are taken from them: the direct form, whose products are then not wasted);
+  the clipped sum is a weighted sum of them;
+- or its input A and output gradient G (norms by the tiled forms above); the
+  clipped sum is then A^T (c * G), one matrix product per layer.
 The backward pass itself computes no weight gradient: autograd is only asked
 for the gradients of the layers that read the data.
 """
@@ -183,6 +188,16 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def per_example_fits(layer: nn.Module, activations: list, backprops: torch.Tensor) -> bool:
+    """Whether the layer's per-example gradients take no more memory than its input and output gradient.
+
+    For a linear layer on T rows per example: d * p <= T * (d + p).
+    """
+    n = backprops.shape[0]
+    params = sum(p.numel() for p in layer.parameters(recurse=False) if p.requires_grad)
+    return n * params * backprops.element_size() <= _nbytes([*activations, backprops])
+
+
 class _Kept(NamedTuple):
     """What one layer leaves for the clipped sum: its input and output gradient, or,
     where they are smaller, its per-example gradients."""
@@ -232,20 +247,20 @@ class GradSampleModuleFlashClipping(GradSampleModuleFastGradientClipping):
     (``loss`` reduced over the examples as ``loss_reduction`` says): it leaves
     the sum of the clipped per-example gradients in ``p.grad``, which Opacus'
     DPOptimizerFastGradientClipping noises and averages, as after its own
-    two-pass ghost clipping. Layers without a norm sampler (e.g. LayerNorm)
-    get per-example gradients from Opacus' grad samplers, as in its ghost
-    path, and keep those when they are smaller than the layer's input and
-    output gradient.
+    two-pass ghost clipping. Each layer takes the route of :meth:`route`;
+    ``keep_per_example=False`` sends every layer that has a norm sampler through
+    it (input and output gradient kept), for tests and comparisons.
     """
 
     NORM_SAMPLERS = {**GradSampleModuleFastGradientClipping.NORM_SAMPLERS, **NORM_SAMPLERS}
 
     def __init__(self, m: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean",
-                 strict: bool = True, max_grad_norm: float = 1.0):
+                 strict: bool = True, max_grad_norm: float = 1.0, keep_per_example: bool = True):
         if not batch_first:
             raise ValueError("flash clipping needs batch_first=True (the kept layer inputs are re-used as given)")
         super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction, strict=strict,
                          max_grad_norm=max_grad_norm, use_ghost_clipping=True)
+        self.keep_per_example = keep_per_example
         self.kept: List[_Kept] = []  # one entry per layer, during a backward pass
         # Parameters of the layers that read non-differentiable input (the data):
         # every other layer lies on a path from the loss to them, so asking
@@ -271,16 +286,9 @@ class GradSampleModuleFlashClipping(GradSampleModuleFastGradientClipping):
         activations, backprops = self.rearrange_grad_samples(
             module=module, backprops=forward_output[0].detach(), loss_reduction="sum", batch_first=batch_first)
         scale = module.max_batch_len if loss_reduction == "mean" else 1
-        kept = _Kept(module, activations, backprops, None, scale)
-        norm_sampler = self.NORM_SAMPLERS.get(type(module))
-        if norm_sampler is not None:
-            norms = norm_sampler(module, activations, backprops)
-        else:
-            grad_sampler = self.GRAD_SAMPLERS.get(type(module), ft_compute_per_sample_gradient)
-            grad_samples = grad_sampler(module, activations, backprops)
-            norms = {p: gs.reshape(len(gs), -1).norm(2, dim=-1) for p, gs in grad_samples.items()}
-            if _nbytes(grad_samples.values()) <= _nbytes([*activations, backprops]):
-                kept = _Kept(module, [], None, grad_samples, scale)
+        norms, grad_samples = self.layer_norms(module, activations, backprops)
+        kept = (_Kept(module, [], None, grad_samples, scale) if grad_samples is not None
+                else _Kept(module, activations, backprops, None, scale))
         for param, norm in norms.items():
             if param._forward_counter > 1:
                 raise NotImplementedError("parameter tying is not supported with flash clipping")
@@ -289,6 +297,37 @@ class GradSampleModuleFlashClipping(GradSampleModuleFastGradientClipping):
         self.kept.append(kept)
         if not module.activations:
             del module.max_batch_len
+
+    def route(self, module: nn.Module, activations: list, backprops: torch.Tensor) -> str:
+        """How one layer's norms are computed and what it keeps for the clipped sum.
+
+        "per_example": its per-example gradients are formed (Opacus' grad
+        sampler), their norms taken, and they are kept where they take no more
+        memory than the layer's input and output gradient: always for layers
+        without a norm sampler (e.g. LayerNorm), and for those with one (the
+        flash Linear and Conv2d, Opacus' Embedding) where
+        :func:`per_example_fits`. There it is also the cheaper route: forming
+        the per-example gradients costs what one weight gradient costs, about
+        what the norm samplers' forms cost, and the clipped sum then needs no
+        second product per layer.
+        "norm_sampler": the layer's norm sampler (for Linear and Conv2d the
+        tiled Gram or bounded direct form); its input and output gradient are
+        kept, and its clipped sum is a product of the two.
+        """
+        if type(module) not in self.NORM_SAMPLERS:
+            return "per_example"
+        if self.keep_per_example and per_example_fits(module, activations, backprops):
+            return "per_example"
+        return "norm_sampler"
+
+    def layer_norms(self, module: nn.Module, activations: list, backprops: torch.Tensor):
+        """One layer's per-example gradient norms, by its :meth:`route`; (norms, per-example gradients to keep or None)."""
+        if self.route(module, activations, backprops) == "norm_sampler":
+            return self.NORM_SAMPLERS[type(module)](module, activations, backprops), None
+        grad_sampler = self.GRAD_SAMPLERS.get(type(module), ft_compute_per_sample_gradient)
+        grad_samples = grad_sampler(module, activations, backprops)
+        norms = {p: gs.reshape(len(gs), -1).norm(2, dim=-1) for p, gs in grad_samples.items()}
+        return norms, grad_samples if _nbytes(grad_samples.values()) <= _nbytes([*activations, backprops]) else None
 
     def clipped_backward(self, loss: torch.Tensor) -> None:
         """One backward pass for the per-example norms, then the clipped gradient sum into ``p.grad``."""

@@ -195,7 +195,8 @@ def build_method(method: str, size: str, batch_size: int, seed: int, device) -> 
                                                     max_grad_norm=clip, expected_batch_size=batch_size,
                                                     generator=noise_generator)
         parts = [("norms", module.norms_backward), ("clipped sum", lambda _loss: module.accumulate_clipped_grads())]
-        return MethodRun(model, module, optimizer, family.loss_torch, parts, inputs, targets, description)
+        return MethodRun(model, module, optimizer, family.loss_torch, parts, inputs, targets, description,
+                         metered_norms=lambda meter, calls: _metered_flash_layers(module, model, meter, calls))
 
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
@@ -309,6 +310,33 @@ def _metered_fast_dp_rules(clipper, meter, calls: list):
             layer.rule = rule
 
 
+@contextlib.contextmanager
+def _metered_flash_layers(module, model, meter, calls: list):
+    """Each layer's norm computation in the one-pass flash step as a meter section of its own (its route noted)."""
+    from torch import nn
+
+    from privbench.dp.flash import choose_form
+
+    names = {layer: name for name, layer in model.named_modules()}
+    layer_norms = module.layer_norms
+
+    def metered(layer, activations, backprops):
+        section = f"norm: {names[layer]}"
+        route = module.route(layer, activations, backprops)
+        call = {"layer": names[layer], "type": type(layer).__name__, "section": section, "route": route,
+                "input_shape": list(activations[0].shape), "output_grad_shape": list(backprops.shape)}
+        if route == "per_example":
+            call["flash_form"] = "direct, kept"
+        elif type(layer) is nn.Linear and activations[0].dim() == 3:
+            call["flash_form"] = choose_form(activations[0].shape[1], activations[0].shape[2], backprops.shape[-1])
+        calls.append(call)
+        with meter.section(section):
+            return layer_norms(layer, activations, backprops)
+
+    with _instead(module, "layer_norms", metered):
+        yield
+
+
 def _phase_functions(run: MethodRun) -> list[tuple[str, list[tuple[str, Callable]]]]:
     """(phase, [(part, fn)]) in order; the parts of one step share the loss through ``state``."""
     state: dict = {}
@@ -414,7 +442,7 @@ def profile_step(run: MethodRun, method: str, device) -> dict:
         from privbench.dp.flash import choose_form
 
         for call in out["norm_calls"]:
-            if call["type"] == "Linear" and len(call["input_shape"]) == 3:
+            if call["type"] == "Linear" and len(call["input_shape"]) == 3 and "flash_form" not in call:
                 _, rows, d = call["input_shape"]
                 call["flash_form"] = choose_form(rows, d, call["output_grad_shape"][-1])
     return out
@@ -542,8 +570,8 @@ def _forward_lines(results: dict[str, dict]) -> tuple[list[str], dict]:
                         f"{_mb(metrics['components_after_backward_mb']['per_example'])} MB")
         norm_pass = metrics["part_levels_mb"].get("backward: norms")
         if norm_pass:
-            held.append(f"held when its norm pass ends (layer inputs and output gradients kept for the clipped "
-                        f"sum): {_mb(norm_pass['after'])} MB")
+            held.append(f"held when its norm pass ends (what each layer keeps for the clipped sum: its per-example "
+                        f"gradients, or its input and output gradient): {_mb(norm_pass['after'])} MB")
         kept = "layer inputs and outputs" if method == "fast_dp" else "layer inputs"
         lines.append(f"{METHOD_LABELS[method]}: after the forward pass {_mb_change(extra_forward)} MB against vanilla "
                      f"({kept} kept only by the hooks: {_mb(hook_inputs)} MB); peak "
@@ -573,14 +601,25 @@ def _gram_facts(metrics: dict) -> dict | None:
 
 
 def _flash_norm_facts(results: dict[str, dict]) -> dict | None:
-    for method in ("flash", "flash_two_pass"):
+    """The flash norm samplers' calls on linear layers (the two-pass run first: there every linear layer uses one)."""
+    for method in ("flash_two_pass", "flash"):
         if method in results:
-            calls = [c for c in results[method]["norm_calls"] if c["type"] == "Linear"]
+            calls = [c for c in results[method]["norm_calls"]
+                     if c["type"] == "Linear" and c.get("route", "norm_sampler") == "norm_sampler"]
             if calls:
                 forms = sorted({c.get("flash_form") for c in calls if c.get("flash_form")})
                 return {"method": METHOD_LABELS[method], "max_rise_mb": max(c["peak_mb"] - c["before_mb"] for c in calls),
                         "forms": ", ".join(forms)}
     return None
+
+
+def _flash_routes(metrics: dict) -> str:
+    """The one-pass flash run's route per layer type, e.g. "9 Linear: direct, kept; 5 LayerNorm: per-example"."""
+    counts: dict[tuple[str, str], int] = {}
+    for call in metrics["norm_calls"]:
+        form = call.get("flash_form") or call.get("route", "").replace("_", "-")
+        counts[call["type"], form] = counts.get((call["type"], form), 0) + 1
+    return "; ".join(f"{n} {layer_type}: {form}" for (layer_type, form), n in counts.items())
 
 
 def _fast_dp_facts(metrics: dict) -> dict:
@@ -707,6 +746,7 @@ def report(config: dict, table_path: str | Path) -> None:
         "vanilla": vanilla,
         "gram": _gram_facts(results["ghost"]) if "ghost" in results else None,
         "flash_norms": _flash_norm_facts(results),
+        "flash_routes": _flash_routes(results["flash"]) if "flash" in results else None,
         "fast_dp": _fast_dp_facts(results["fast_dp"]) if "fast_dp" in results else None,
         "fast_dp_label": METHOD_LABELS["fast_dp"],
         "tile": TILE,
