@@ -77,6 +77,24 @@ def test_fast_dp_cut_into_phases_is_the_kits_own_step():
     assert all(c["peak_mb"] >= c["before_mb"] for c in profiled["norm_calls"])
 
 
+def test_one_pass_flash_meters_every_layer_with_its_route():
+    """Each layer's norm computation is its own meter section, labelled with the route flash took."""
+    from privbench import models
+
+    cpu = torch.device("cpu")
+    run = memory_profile.build_method("flash", "tiny", 4, 0, cpu)
+    metrics = memory_profile.profile_step(run, "flash", cpu)
+    model = models.build("torch", memory_profile.MODEL, "tiny", 0)
+    with_params = [name for name, m in model.named_modules() if list(m.parameters(recurse=False))]
+    assert sorted(c["layer"] for c in metrics["norm_calls"]) == sorted(with_params)
+    assert {c["route"] for c in metrics["norm_calls"]} <= {"per_example", "norm_sampler"}
+    routes = memory_profile._flash_routes(metrics)
+    assert sum(int(part.split()[0]) for part in routes.split("; ")) == len(with_params)
+    # 8 tokens per example: a linear layer's per-example gradients would not fit; its form is named
+    assert "Linear: gram" in routes or "Linear: direct" in routes
+    assert "LayerNorm: per-example gradients" in routes
+
+
 def test_unknown_method_is_named_in_the_config_error(repo_root):
     raw = yaml.safe_load((repo_root / "config" / "tiny.yaml").read_text())
     raw["memory_profile"]["methods"] = ["vanilla", "ghostt"]
@@ -104,6 +122,7 @@ def test_records_table_charts_and_page_agree(tiny_workflow):
         assert f"| {label} |" in page and f"| {peak} |" in page
     flash = records.read_record(table[table.method == "flash"].iloc[0].record_path)["metrics"]
     assert {"backward: norms", "backward: clipped sum"} <= set(flash["part_times_s"])
+    assert f"(here: {memory_profile._flash_routes(flash)})" in page  # each layer's route, as recorded
     ghost = records.read_record(table[table.method == "ghost"].iloc[0].record_path)["metrics"]
     assert {c["type"] for c in ghost["norm_calls"]} == {"Linear", "Embedding"}
     # the kit's fast DP-SGD: its own row (no published figures), its phases, its per-layer norms

@@ -325,10 +325,12 @@ def _metered_flash_layers(module, model, meter, calls: list):
         route = module.route(layer, activations, backprops)
         call = {"layer": names[layer], "type": type(layer).__name__, "section": section, "route": route,
                 "input_shape": list(activations[0].shape), "output_grad_shape": list(backprops.shape)}
-        if route == "per_example":
+        if type(layer) in (nn.Linear, nn.Conv2d) and route == "per_example":
             call["flash_form"] = "direct, kept"
         elif type(layer) is nn.Linear and activations[0].dim() == 3:
             call["flash_form"] = choose_form(activations[0].shape[1], activations[0].shape[2], backprops.shape[-1])
+        else:  # e.g. LayerNorm (Opacus' grad sampler), Embedding (Opacus' norm sampler where it does not fit)
+            call["flash_form"] = {"per_example": "per-example gradients", "norm_sampler": "norm sampler"}[route]
         calls.append(call)
         with meter.section(section):
             return layer_norms(layer, activations, backprops)
@@ -617,7 +619,7 @@ def _flash_routes(metrics: dict) -> str:
     """The one-pass flash run's route per layer type, e.g. "9 Linear: direct, kept; 5 LayerNorm: per-example"."""
     counts: dict[tuple[str, str], int] = {}
     for call in metrics["norm_calls"]:
-        form = call.get("flash_form") or call.get("route", "").replace("_", "-")
+        form = call.get("flash_form", call.get("route"))
         counts[call["type"], form] = counts.get((call["type"], form), 0) + 1
     return "; ".join(f"{n} {layer_type}: {form}" for (layer_type, form), n in counts.items())
 
