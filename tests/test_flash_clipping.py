@@ -145,9 +145,14 @@ def test_one_pass_clipped_sum_equals_per_example_loop(case, keep_per_example):
     clip = 0.05  # below every example's norm: every example is clipped
     expected = _naive_clipped_sum(model, loss_fn, inputs, targets, clip)
     module = flash.GradSampleModuleFlashClipping(model, max_grad_norm=clip, keep_per_example=keep_per_example)
-    routes = {}
-    route = module.route
-    module.route = lambda layer, a, g: routes.setdefault(type(layer), set()).add(route(layer, a, g)) or route(layer, a, g)
+    routes, route = {}, module.route
+
+    def recording_route(layer, activations, backprops):
+        taken = route(layer, activations, backprops)
+        routes.setdefault(type(layer), set()).add(taken)
+        return taken
+
+    module.route = recording_route
     for _ in range(2):  # a second step on the same module gives the same sums
         model.zero_grad(set_to_none=True)
         module.clipped_backward(loss_fn(module(inputs), targets))

@@ -327,7 +327,7 @@ class GradSampleModuleFlashClipping(GradSampleModuleFastGradientClipping):
         grad_sampler = self.GRAD_SAMPLERS.get(type(module), ft_compute_per_sample_gradient)
         grad_samples = grad_sampler(module, activations, backprops)
         norms = {p: gs.reshape(len(gs), -1).norm(2, dim=-1) for p, gs in grad_samples.items()}
-        return norms, grad_samples if _nbytes(grad_samples.values()) <= _nbytes([*activations, backprops]) else None
+        return norms, grad_samples if per_example_fits(module, activations, backprops) else None
 
     def clipped_backward(self, loss: torch.Tensor) -> None:
         """One backward pass for the per-example norms, then the clipped gradient sum into ``p.grad``."""

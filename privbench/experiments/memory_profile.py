@@ -313,9 +313,7 @@ def _metered_fast_dp_rules(clipper, meter, calls: list):
 @contextlib.contextmanager
 def _metered_flash_layers(module, model, meter, calls: list):
     """Each layer's norm computation in the one-pass flash step as a meter section of its own (its route noted)."""
-    from torch import nn
-
-    from privbench.dp.flash import choose_form
+    from privbench.dp.flash import NORM_SAMPLERS
 
     names = {layer: name for name, layer in model.named_modules()}
     layer_norms = module.layer_norms
@@ -325,12 +323,10 @@ def _metered_flash_layers(module, model, meter, calls: list):
         route = module.route(layer, activations, backprops)
         call = {"layer": names[layer], "type": type(layer).__name__, "section": section, "route": route,
                 "input_shape": list(activations[0].shape), "output_grad_shape": list(backprops.shape)}
-        if type(layer) in (nn.Linear, nn.Conv2d) and route == "per_example":
-            call["flash_form"] = "direct, kept"
-        elif type(layer) is nn.Linear and activations[0].dim() == 3:
-            call["flash_form"] = choose_form(activations[0].shape[1], activations[0].shape[2], backprops.shape[-1])
-        else:  # e.g. LayerNorm (Opacus' grad sampler), Embedding (Opacus' norm sampler where it does not fit)
-            call["flash_form"] = {"per_example": "per-example gradients", "norm_sampler": "norm sampler"}[route]
+        if route == "per_example":  # a flash layer (Linear, Conv2d) or one of Opacus' grad samplers (LayerNorm)
+            call["flash_form"] = "direct, kept" if type(layer) in NORM_SAMPLERS else "per-example gradients"
+        elif not (call["type"] == "Linear" and activations[0].dim() == 3):  # profile_step names a linear form
+            call["flash_form"] = "norm sampler"
         calls.append(call)
         with meter.section(section):
             return layer_norms(layer, activations, backprops)
