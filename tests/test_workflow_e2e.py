@@ -44,6 +44,19 @@ def test_second_invocation_does_nothing(tiny_workflow):
     assert time.perf_counter() - started < 30
 
 
+def test_pages_without_results_are_rebuilt(tiny_workflow, tmp_path):
+    """A fresh clone holds the committed pages of a reference run and no results: a run makes them anew."""
+    import shutil
+
+    for folder in ("docs", "assets"):
+        shutil.copytree(tiny_workflow / folder, tmp_path / folder)
+    result = run_workflow(tmp_path, "all", "--dry-run")
+    plan = result.stdout + result.stderr
+    assert "Nothing to be done" not in plan
+    for rule in ("throughput_curve", "throughput_table", "throughput_page", "memory_profile_page"):
+        assert f"rule {rule}:" in plan
+
+
 def test_killed_run_is_redone_and_finished_runs_are_kept(tiny_workflow):
     """A record missing (as after a kill) is redone; the others are not touched."""
     runs = tiny_workflow / "results" / "runs" / "throughput"
