@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 from importlib import metadata
+from pathlib import Path
 
 from privbench.paths import REPO_ROOT
 
@@ -54,16 +55,27 @@ def gpu_description() -> str | None:
     return "; ".join(line.strip() for line in out.splitlines() if line.strip()) or None
 
 
+# What the workflow itself writes into the checkout (the default preset's pages and
+# charts): rewriting them is a run's output, not a change to the kit.
+GENERATED_PATHS = ("docs/*.md", "assets/*")
+
+
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
-    """Commit of the kit's checkout (``+dirty`` if it has local changes)."""
+    """Commit of the kit's checkout (``+dirty`` if it has local changes other than generated pages)."""
     if os.environ.get("PRIVBENCH_GIT_COMMIT"):  # set by container runners
         return os.environ["PRIVBENCH_GIT_COMMIT"]
+    return checkout_commit(REPO_ROOT)
+
+
+def checkout_commit(root: Path) -> str | None:
+    """HEAD of the git checkout at ``root``, ``+dirty`` if a tracked file outside GENERATED_PATHS changed."""
+    excluded = [f":(exclude){pattern}" for pattern in GENERATED_PATHS]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
     except (subprocess.SubprocessError, OSError):
         return None
     return commit + ("+dirty" if dirty else "")

@@ -35,6 +35,29 @@ def test_system_description_has_what_a_reader_needs():
     assert desc["libraries"]["torch"] and desc["libraries"]["jax"]
 
 
+def test_rewritten_pages_do_not_make_the_checkout_dirty(tmp_path):
+    """A run rewrites the committed pages and charts; only a change to anything else is "+dirty"."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    for name in ("docs/page.md", "assets/chart.png", "privbench/code.py"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("committed")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "reference run")
+    clean = system.checkout_commit(tmp_path)
+    assert len(clean) == 40
+    (tmp_path / "docs" / "page.md").write_text("this machine's figures")
+    (tmp_path / "assets" / "chart.png").write_text("this machine's chart")
+    assert system.checkout_commit(tmp_path) == clean
+    (tmp_path / "privbench" / "code.py").write_text("changed")
+    assert system.checkout_commit(tmp_path) == clean + "+dirty"
+
+
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "r1.json"
     records.write_record(path, make_record(throughput=1.0))
