@@ -56,8 +56,8 @@ class EfficientNetTrainer:
         import torch
         import torch.nn.functional as F
 
-        from privbench.dp.fast_torch import make_private_fast
         from privbench.training.cifar import build_model
+        from privbench.training.dp_methods import builder
 
         self.model = build_model("opacus", seed)
         rng = np.random.default_rng(seed)
@@ -66,8 +66,8 @@ class EfficientNetTrainer:
         self.loss = F.cross_entropy
         optimizer = torch.optim.Adam(self.model.parameters(), lr=EFFICIENTNET_LEARNING_RATE)
         if mode == "fast_dp":
-            self.dp = make_private_fast(self.model, optimizer, max_grad_norm=1.0, noise_multiplier=1.0,
-                                        noise_generator=torch.Generator().manual_seed(seed))
+            self.dp = builder("torch", "fast_dp")(self.model, optimizer, max_grad_norm=1.0, noise_multiplier=1.0,
+                                                   noise_generator=torch.Generator().manual_seed(seed))
         else:
             self.dp, self.optimizer = None, optimizer
 

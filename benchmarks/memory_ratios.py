@@ -1,148 +1,158 @@
-"""Flash Clipping against its speed and memory targets, printed (nothing is asserted).
+"""The kit's DP engine against vanilla training and Opacus' ghost clipping, printed (nothing is asserted).
 
-    .venv/bin/python benchmarks/memory_ratios.py [--configfile config/config.yaml] [--rounds 1] [--out DIR]
+    .venv/bin/python benchmarks/memory_ratios.py [--configfile config/config.yaml] [--rounds 7] [--threads N]
 
-Runs the methods of the preset's memory_profile section, each in its own
-process through the harness as the workflow does (--rounds repeats them,
-interleaved, and keeps each method's median time), then prints:
-  - time per step and peak memory of every method, and their ratios to vanilla;
-  - the targets: flash within 1.3x of vanilla's time per step and 1.15x of its
-    peak memory, and its peak not above ghost clipping's;
-  - where flash's time goes: its phases beside vanilla's, and for every linear
-    layer of the model the route the one-pass module takes and the cost of each
-    route (kept per-example gradients and their weighted sum; the norm
-    sampler's chosen and other form and the product clipped sum), of Opacus'
-    ghost norm, and of the weight gradient vanilla computes for it (timed in
-    this process, best of --repeats).
+On the memory page's model and batch (the preset's ``memory_profile`` section:
+the Transformer, its size and batch), in this one process:
+  - time per step of every method, in alternating rounds (vanilla, kit,
+    ghost, vanilla, ...; the machine may be loaded by others, so only ratios
+    measured side by side mean something): the median step time, and the
+    median over rounds of each round's ratio to that round's vanilla step;
+  - peak tensor memory of one step of every method (privbench.profiling.StepMeter:
+    the CPU allocator's events, or CUDA's counters), above what the run holds
+    before the step (parameters, gradients, optimiser state, batch);
+  - the targets of issue 12 for the kit: <= 1.10x vanilla's time per step and
+    <= 1.05x its peak tensor memory;
+  - where the kit's step goes: its norm time per route (the engine's phase hooks).
+Methods: ``vanilla`` (forward, backward, AdamW), ``kit`` (privbench.dp.torch_engine,
+one backward pass), ``ghost`` (Opacus' fast gradient clipping, two backward
+passes) and ``ghost_kit_norms`` (the same with the kit's norm samplers,
+privbench.dp.opacus_norms).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from privbench import config, harness, models  # noqa: E402
-from privbench.experiments import memory_profile  # noqa: E402
+import torch  # noqa: E402
 
-TIME_TARGET, PEAK_TARGET = memory_profile.TARGETS["time_vs_vanilla"], memory_profile.TARGETS["peak_vs_vanilla"]
+from privbench import config, models  # noqa: E402
+from privbench.dp import opacus_norms, torch_engine  # noqa: E402
+from privbench.profiling import StepMeter, held_bytes  # noqa: E402
 
-
-def run_methods(cfg: dict, out: Path, rounds: int) -> dict[str, list[dict]]:
-    """Every method's metrics, one entry per round; a failed run is reported and left out."""
-    runs: dict[str, list[dict]] = {}
-    for round_ in range(rounds):
-        for curve in memory_profile.curves(cfg).values():
-            spec = memory_profile.make_run_spec(curve, curve["batch_start"])
-            spec["run_id"] += f"-round{round_}"
-            record = harness.run_isolated(spec, out / f"{spec['run_id']}.json")
-            if record["status"] == "ok":
-                runs.setdefault(curve["method"], []).append(record["metrics"])
-            else:
-                print(f"{curve['method']}: {record['status']} ({record['message']})")
-    return runs
+MODEL = "transformer"
+TIME_TARGET, PEAK_TARGET = 1.10, 1.05
+CLIP, NOISE_MULTIPLIER = 1.0, 1.0
 
 
-def best_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
+class RouteTimer(torch_engine.PhaseObserver):
+    """Seconds of norm computation per route label, summed over the layers."""
+
+    def __init__(self):
+        self.seconds = collections.Counter()
+
+    @contextlib.contextmanager
+    def layer_norms(self, name, module, route_label):
         started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1000 * min(times)
+        yield
+        self.seconds[route_label] += time.perf_counter() - started
 
 
-def layer_costs(size: str, batch: int, repeats: int) -> list[tuple]:
-    """Per linear layer (one of each shape): the one-pass route and milliseconds of each computation on random data."""
-    import torch
-    from opacus.grad_sample.linear import compute_linear_grad_sample, compute_linear_norm_sample
+def build(method: str, size: str, batch: int):
+    """(step function, module, optimizer, batch tensors, the kit's DPOptimizer or None) of one method,
+    on a fresh model."""
+    from privbench.training import dp_methods
 
-    from privbench.dp import flash
+    family = models.family(MODEL)
+    model = models.build("torch", MODEL, size, seed=0)
+    inputs, targets = family.synthetic_batch(size, batch, "torch", seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    if method == "vanilla":
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            family.loss_torch(model(*inputs), targets).backward()
+            optimizer.step()
+        return step, model, optimizer, (*inputs, targets), None
+    if method == "kit":
+        dp = torch_engine.make_private(model, optimizer, max_grad_norm=CLIP, noise_multiplier=NOISE_MULTIPLIER,
+                                       expected_batch_size=batch, noise_generator=generator)
+        return (lambda: dp.step(family.loss_torch, inputs, targets)), model, optimizer, (*inputs, targets), dp
+    # Opacus' ghost path: the criterion runs the two backward passes.
+    from torch.utils.data import DataLoader, TensorDataset
 
-    rows = models.family(memory_profile.MODEL).SIZES[size]["seq_len"]
-    model = models.build("torch", memory_profile.MODEL, size, 0)
-    shapes = {}
-    for name, layer in model.named_modules():
-        if isinstance(layer, torch.nn.Linear):
-            shapes.setdefault((layer.in_features, layer.out_features), (name, layer))
-    out = []
-    for (d, p), (name, layer) in shapes.items():
-        a, g = torch.randn(batch, rows, d), torch.randn(batch, rows, p)
-        coefficients = torch.rand(batch)
-        chosen = flash.choose_form(rows, d, p)
-        other = "direct" if chosen == "gram" else "gram"
+    module, dp_optimizer, criterion, _ = dp_methods.opacus_private(
+        model, optimizer, DataLoader(TensorDataset(*inputs, targets), batch_size=batch),
+        noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=CLIP, poisson_sampling=False, grad_sample_mode="ghost",
+        criterion=torch.nn.CrossEntropyLoss(), noise_generator=generator)
 
-        def per_example():  # the kept route: per-example gradients and their norms
-            grads = compute_linear_grad_sample(layer, [a], g)
-            return grads, {q: gs.reshape(batch, -1).norm(dim=1) for q, gs in grads.items()}
+    def step():
+        dp_optimizer.zero_grad(set_to_none=True)
+        logits = module(*inputs)
+        criterion(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), shape=logits.shape[:2]).backward()
+        dp_optimizer.step()
+    return step, module, dp_optimizer, (*inputs, targets), None
 
-        grads, _ = per_example()
-        out.append((
-            name, d, p, "kept" if flash.per_example_fits(layer, [a], g) else chosen,
-            best_ms(lambda: g.reshape(-1, p).T @ a.reshape(-1, d), repeats),
-            best_ms(per_example, repeats),
-            best_ms(lambda: flash._Kept(layer, [], None, grads, 1.0).clipped_sums(coefficients), repeats),
-            best_ms(lambda: flash.per_sample_sq_norms(a, g, form=chosen), repeats),
-            best_ms(lambda: flash.per_sample_sq_norms(a, g, form=other), repeats),
-            best_ms(lambda: flash._Kept(layer, [a], g, None, 1.0).clipped_sums(coefficients), repeats),
-            best_ms(lambda: compute_linear_norm_sample(layer, [a], g), repeats),
-        ))
-    return out
+
+def peak_bytes(step, module, optimizer, batch_tensors, _dp=None) -> int:
+    """Most bytes tensors hold during one step, above what is held before it."""
+    step()  # optimiser state exists from the first step on
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    params = list(module.parameters())
+    start = sum(held_bytes({"params": params, "grads": [p.grad for p in params if p.grad is not None],
+                            "state": state, "batch": batch_tensors}).values())
+    with StepMeter(torch.device("cpu"), start_bytes=start) as meter:
+        with meter.section("step"):
+            step()
+    return meter.sections[0].peak - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configfile", default="config/config.yaml")
-    parser.add_argument("--rounds", type=int, default=1, help="runs of every method (median time kept)")
-    parser.add_argument("--repeats", type=int, default=5, help="timings per layer computation (best kept)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the records (default: a temporary one)")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating timing rounds (median kept)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--methods", default="vanilla,kit,ghost,ghost_kit_norms")
     args = parser.parse_args()
-    cfg = config.load(REPO / args.configfile)
-    section = cfg[memory_profile.NAME]
-    out = args.out or Path(tempfile.mkdtemp(prefix="privbench-memory-"))
-    print(f"preset {cfg['preset']}: Transformer {section['size']}, batch {section['batch_size']}, "
-          f"{section['timed_steps']} timed steps, {args.rounds} round(s); records in {out}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    section = config.load(REPO / args.configfile)["memory_profile"]
+    size, batch = section["size"], section["batch_size"]
+    methods = args.methods.split(",")
+    print(f"{MODEL} {size}, batch {batch}, {torch.get_num_threads()} threads, {args.rounds} rounds")
 
-    runs = run_methods(cfg, out, args.rounds)
-    step_ms = {m: 1000 * statistics.median(r["mean_step_s"] for r in rs) for m, rs in runs.items()}
-    peak_mb = {m: rs[0]["peak_memory_mb"] for m, rs in runs.items()}  # the same in every round
-    vanilla_ms, vanilla_mb = step_ms.get("vanilla"), peak_mb.get("vanilla")
+    built, peaks = {}, {}
+    for method in methods:
+        with opacus_norms.registered() if method == "ghost_kit_norms" else contextlib.nullcontext():
+            built[method] = build(method, size, batch)
+            peaks[method] = peak_bytes(*built[method])
+    times = collections.defaultdict(list)
+    for _ in range(args.rounds):
+        for method in methods:
+            with opacus_norms.registered() if method == "ghost_kit_norms" else contextlib.nullcontext():
+                started = time.perf_counter()
+                built[method][0]()
+                times[method].append(time.perf_counter() - started)
+
+    step_ms = {m: 1000 * statistics.median(t) for m, t in times.items()}
+    # Each round's ratio to the vanilla step of the same round, median over rounds:
+    # steadier than a ratio of medians when the machine's load drifts.
+    ratio = {m: statistics.median(t / v for t, v in zip(times[m], times["vanilla"])) for m in methods}
     print(f"\n{'method':16s} {'time/step ms':>13s} {'vs vanilla':>11s} {'peak MB':>9s} {'vs vanilla':>11s}")
-    for method in runs:
-        time_ratio = f"{step_ms[method] / vanilla_ms:.2f}x" if vanilla_ms else "-"
-        peak_ratio = f"{peak_mb[method] / vanilla_mb:.2f}x" if vanilla_mb else "-"
-        print(f"{method:16s} {step_ms[method]:13.1f} {time_ratio:>11s} {peak_mb[method]:9.1f} {peak_ratio:>11s}")
-
-    if "flash" in runs and vanilla_ms:
-        time_ratio, peak_ratio = step_ms["flash"] / vanilla_ms, peak_mb["flash"] / vanilla_mb
-        print(f"\ntarget: flash time <= {TIME_TARGET}x vanilla: {time_ratio:.2f}x "
-              f"({'met' if time_ratio <= TIME_TARGET else 'MISSED'})")
-        print(f"target: flash peak <= {PEAK_TARGET}x vanilla: {peak_ratio:.2f}x "
-              f"({'met' if peak_ratio <= PEAK_TARGET else 'MISSED'})")
-        if "ghost" in runs:
-            print(f"target: flash peak <= ghost peak: {peak_mb['flash']:.1f} MB vs {peak_mb['ghost']:.1f} MB "
-                  f"({'met' if peak_mb['flash'] <= peak_mb['ghost'] else 'MISSED'})")
-        for method in ("vanilla", "flash"):
-            parts = {k: 1000 * statistics.median(r["part_times_s"][k] for r in runs[method])
-                     for k in runs[method][0]["part_times_s"]}
-            print(f"{method} phases (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
-
-    print(f"\nper linear layer, batch {section['batch_size']} x T (ms, best of {args.repeats}); vanilla computes "
-          "the weight gradient; one-pass flash either keeps the per-example gradients (route 'kept': form them "
-          "and their norms, later a weighted sum) or takes the norm sampler's form (gram/direct) and later a "
-          "product of the kept input and output gradient:")
-    print(f"{'layer':18s} {'d':>5s} {'p':>6s} {'route':>7s} {'weight grad':>12s} {'per-ex+norm':>12s} "
-          f"{'weighted sum':>12s} {'flash norm':>12s} {'other form':>12s} {'product sum':>12s} {'ghost norm':>12s}")
-    for name, d, p, route, *costs in layer_costs(section["size"], section["batch_size"], args.repeats):
-        print(f"{name:18s} {d:5d} {p:6d} {route:>7s} " + " ".join(f"{c:12.1f}" for c in costs))
-
+    for method in methods:
+        print(f"{method:16s} {step_ms[method]:13.1f} {ratio[method]:10.2f}x "
+              f"{peaks[method] / 2**20:9.1f} {peaks[method] / peaks['vanilla']:10.2f}x")
+    if "kit" in methods:
+        time_ratio, peak_ratio = ratio["kit"], peaks["kit"] / peaks["vanilla"]
+        for what, ratio, target in (("time", time_ratio, TIME_TARGET), ("peak", peak_ratio, PEAK_TARGET)):
+            print(f"target: kit {what} <= {target}x vanilla: {ratio:.2f}x ({'met' if ratio <= target else 'MISSED'})")
+        family = models.family(MODEL)
+        inputs, targets = family.synthetic_batch(size, batch, "torch", seed=1)
+        dp = built["kit"][-1]
+        print("kit routes: " + dp.describe(family.loss_torch, inputs, targets)["dp_methods"])
+        dp.observer = timer = RouteTimer()
+        dp.step(family.loss_torch, inputs, targets)
+        print("kit norm time per route (ms, one step): "
+              + ", ".join(f"{label} {1000 * s:.1f}" for label, s in sorted(timer.seconds.items())))
 
 if __name__ == "__main__":
     main()

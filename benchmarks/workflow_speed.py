@@ -47,14 +47,15 @@ def repeated_runs(out: Path, repeats: int = 2) -> list[float]:
     """The same configuration (JAX CNN small, standard, batch 32, 30 steps), run twice."""
     sys.path.insert(0, str(REPO))
     from privbench import config, harness
-    from privbench.experiments import throughput
+    from privbench.studies.curves import make_run_spec
+    from privbench.studies.throughput import plan as throughput
 
     cfg = config.load(REPO / "config" / "config.yaml")
     curve = throughput.curves(cfg)["jax-cnn-small-standard"]
-    curve["timed_steps"] = 30
+    curve["run"]["timed_steps"] = 30
     values = []
     for i in range(repeats):
-        spec = throughput.make_run_spec(curve, 32)
+        spec = make_run_spec(curve, 32)
         spec["run_id"] += f"-repeat{i}"
         record = harness.run_isolated(spec, out / "repeats" / f"{spec['run_id']}.json")
         values.append(record["metrics"]["throughput_sps"])

@@ -73,12 +73,3 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> None:
     frame.to_csv(tmp, index=False)
     tmp.replace(path)
 
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    return pd.read_csv(path, keep_default_na=True)
-
-
-def step_times(frame_row) -> list[float]:
-    """Step times of one table row, read back from its record."""
-    record = records.read_record(frame_row["record_path"])
-    return record["metrics"].get("step_times_s", [])

@@ -11,19 +11,28 @@ import json
 import sys
 from pathlib import Path
 
-from privbench import aggregate, config as config_mod, experiments, harness, records
+from privbench import aggregate, config as config_mod, harness, records, runners, studies
 from privbench.errors import MissingDependencyError
+from privbench.studies.curves import make_run_spec
 
 
 def _cmd_validate(args) -> None:
-    cfg = config_mod.load(args.config)
+    cfg = studies.load(args.config)
+    problems = runners.platform_problems(cfg)
+    if problems:
+        raise MissingDependencyError(f"{args.config} is valid, but cannot run here: " + "; ".join(problems))
     print(f"{args.config}: valid (preset {cfg['preset']!r})")
 
 
 def _cmd_plan(args) -> None:
-    cfg = config_mod.load(args.config)
+    cfg = studies.load(args.config)
+    if args.estimate:
+        from privbench import sizing
+
+        print(sizing.format_estimate(sizing.estimate(cfg, args.cores, args.jobs)))
+        return
     for name in cfg["experiments"]:
-        for curve_id in experiments.get(name).curves(cfg):
+        for curve_id in studies.plan(name).curves(cfg):
             print(f"{name}\t{curve_id}")
 
 
@@ -44,8 +53,7 @@ def _cmd_sweep(args) -> None:
     curve = json.loads(args.curve_json)
     records_dir = Path(args.records_dir)
     _check_writable(records_dir)
-    experiment = experiments.get(curve["experiment"])
-    summary = harness.run_sweep(curve, records_dir, experiment.make_run_spec, curve.get("runner"))
+    summary = harness.run_sweep(curve, records_dir, make_run_spec, curve.get("runner"))
     records.write_json_atomic(args.output, summary)
 
 
@@ -58,7 +66,7 @@ def _cmd_aggregate(args) -> None:
 
 def _cmd_report(args) -> None:
     cfg = json.loads(args.config_json)
-    experiments.get(args.experiment).report(cfg, args.table)
+    studies.report(args.experiment).report(cfg, args.table)
 
 
 def _cmd_fetch(args) -> None:
@@ -83,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("plan", help="list the curves a preset will run")
     p.add_argument("config")
+    p.add_argument("--estimate", action="store_true",
+                   help="instead, size the allocation: jobs, runs, worst-case wall time, core and GPU hours")
+    p.add_argument("--cores", type=int, default=8, help="cores per job for --estimate (profiles/slurm: cores)")
+    p.add_argument("--jobs", type=int, default=50, help="jobs at once for --estimate (profiles/slurm: jobs)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("sweep", help="run one batch-size curve, one process per run")

@@ -2,15 +2,16 @@
 
 One validator serves both the Snakefile and the command line, so a bad key
 is reported the same way everywhere: with its dotted path, before any job
-runs. Schemas live in ``workflow/schemas/`` (one file per config section,
-joined with ``$ref``); defaults written in the schemas are filled in.
+runs. Schemas are package data in ``privbench/schemas/`` (one file per config
+section, joined with ``$ref``); defaults written in the schemas are filled in.
 """
 
 from __future__ import annotations
 
 import copy
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
 import yaml
 from jsonschema import Draft202012Validator, validators
@@ -24,15 +25,15 @@ class ConfigError(ValueError):
     """An invalid preset; the message names the offending key."""
 
 
-def _schema_registry(schema_dir: Path) -> Registry:
+def _schema_registry(schema_dir: Traversable) -> Registry:
     resources = []
-    for path in sorted(schema_dir.glob("*.schema.*")):
+    for path in sorted((p for p in schema_dir.iterdir() if ".schema." in p.name), key=lambda p: p.name):
         contents = yaml.safe_load(path.read_text())
         resources.append((path.name, Resource.from_contents(contents, default_specification=DRAFT202012)))
     return Registry().with_resources(resources)
 
 
-def load_schema(name: str, schema_dir: Path = SCHEMA_DIR) -> dict:
+def load_schema(name: str, schema_dir: Traversable = SCHEMA_DIR) -> dict:
     return yaml.safe_load((schema_dir / name).read_text())
 
 
@@ -70,10 +71,13 @@ def _describe(error) -> str:
 
 
 def validate(config: dict, schema_name: str = "config.schema.yaml",
-             schema_dir: Path = SCHEMA_DIR, source: str = "config") -> dict:
+             schema_dir: Traversable = SCHEMA_DIR, source: str = "config",
+             extra_checks: Callable[[dict], list[str]] | None = None) -> dict:
     """Validate ``config`` in place (filling defaults) and return it.
 
-    Raises ConfigError listing every problem, each with its dotted key path.
+    ``extra_checks`` returns further problems of the filled-in config (the studies'
+    own rules, :func:`privbench.studies.validate`). Raises ConfigError listing every
+    problem, each with its dotted key path.
     """
     schema = load_schema(schema_name, schema_dir)
     validator = _DefaultingValidator(schema, registry=_schema_registry(schema_dir))
@@ -81,11 +85,11 @@ def validate(config: dict, schema_name: str = "config.schema.yaml",
     if errors:
         lines = "\n".join(f"  - {_describe(e)}" for e in errors)
         raise ConfigError(f"{source} is invalid:\n{lines}")
-    _check_cross_field_rules(config, source)
+    _check_cross_field_rules(config, source, extra_checks)
     return config
 
 
-def _check_cross_field_rules(config: dict, source: str) -> None:
+def _check_cross_field_rules(config: dict, source: str, extra_checks) -> None:
     """Rules a JSON schema cannot express (relations between values)."""
     problems = []
     for name in config.get("experiments", []):
@@ -110,39 +114,24 @@ def _check_cross_field_rules(config: dict, source: str) -> None:
                     f"'{name}.microbatch_size' ({mb}) does not divide batch size(s) {bad}: "
                     "choose a microbatch size that divides every batch size of the sweep"
                 )
-    problems.extend(_experiment_problems(config))
+    problems.extend(extra_checks(config) if extra_checks else [])
     if problems:
         raise ConfigError(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def _experiment_problems(config: dict) -> list[str]:
-    """Rules an experiment module states about its own section (its ``config_problems``)."""
-    from privbench import experiments  # imported here: the experiments import this module
-
-    problems = []
-    for name in config.get("experiments", []):
-        if name in config and name in experiments.EXPERIMENTS:
-            check = getattr(experiments.get(name), "config_problems", None)
-            problems.extend(check(config[name]) if check else [])
-    return problems
-
-
-def load(path: str | Path) -> dict:
-    """Read and validate a preset file."""
+def read(path: str | Path) -> dict:
+    """A preset file's contents, not yet validated."""
     path = Path(path)
     try:
-        config = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    return validate(config, source=str(path))
 
 
-def get(config: dict, dotted: str, default: Any = None) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
+def load(path: str | Path) -> dict:
+    """Read and validate a preset file (the schemas only; :func:`privbench.studies.load`
+    adds the studies' own checks)."""
+    return validate(read(path), source=str(path))
+

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.extend.core import jaxprs_in_params
 
 from privbench import models
-from privbench.training import jax_steps
+from privbench.training import dp_methods, jax_steps
 
 MODEL = "cnn"
 CONV = "conv_general_dilated"
@@ -40,10 +40,10 @@ def capture(size: str, batch_size: int, microbatch_size: int | None, l2_clip_nor
     # The functions the trainers differentiate with (jax_steps), normalised by B as in training.
     functions = {
         "standard": jax.grad(jax_steps.pure_loss(graphdef, family.loss_jax)),
-        "clipped": jax_steps.clipped_grad_fn(graphdef, family.loss_jax, l2_clip_norm, batch_size, None),
+        "clipped": dp_methods.jax_privacy_grad(graphdef, family.loss_jax, l2_clip_norm, batch_size, None),
     }
     if microbatch_size is not None:
-        functions["clipped_microbatch"] = jax_steps.clipped_grad_fn(
+        functions["clipped_microbatch"] = dp_methods.jax_privacy_grad(
             graphdef, family.loss_jax, l2_clip_norm, batch_size, microbatch_size)
 
     programs = {}

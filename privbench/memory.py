@@ -1,9 +1,10 @@
-"""Process memory: budgets and peaks (CPU, Linux)."""
+"""Process memory: budgets and peaks (CPU, Linux; the GPU budget on platform cuda)."""
 
 from __future__ import annotations
 
 import re
 import resource
+import sys
 
 MB = 1024 * 1024
 
@@ -46,15 +47,42 @@ def peak_rss_mb() -> float:
     return kb / 1024
 
 
-def apply_budget(budget_mb: int) -> dict:
-    """Cap this process's address space at what it holds now plus ``budget_mb``.
+def gpu_budget_environment(budget_mb: int, gpu_total_mb: float) -> dict[str, str]:
+    """JAX's settings for a GPU budget, to set before JAX starts: no preallocation (by default
+    JAX takes 75% of the card at once), its allocator capped at ``budget_mb`` of the card."""
+    return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+            "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{_gpu_fraction(budget_mb, gpu_total_mb):.6f}"}
 
-    Called after the framework is imported, so the budget covers the model,
-    the data and the training step, and means the same on every machine.
-    RLIMIT_AS counts virtual memory: an allocation past it fails cleanly
-    (MemoryError, XLA RESOURCE_EXHAUSTED, torch DefaultCPUAllocator) instead
-    of waking the kernel's OOM killer.
+
+def _gpu_fraction(budget_mb: int, gpu_total_mb: float) -> float:
+    return min(1.0, budget_mb / gpu_total_mb)
+
+
+def apply_budget(budget_mb: int, platform: str = "cpu", gpu_total_mb: float | None = None) -> dict:
+    """Apply a run's memory budget, the same for both frameworks; returns what was set, for the record.
+
+    CPU (and cvm): cap this process's address space at what it holds now plus ``budget_mb``.
+    Called after the framework is imported, so the budget covers the model, the data and the
+    training step, and means the same on every machine. RLIMIT_AS counts virtual memory: an
+    allocation past it fails cleanly (MemoryError, XLA RESOURCE_EXHAUSTED, torch
+    DefaultCPUAllocator) instead of waking the kernel's OOM killer.
+
+    cuda: a GPU-memory budget of ``budget_mb`` on the card of ``gpu_total_mb`` (nothing is on
+    the GPU after the imports), and no RLIMIT_AS: CUDA reserves tens of GB of address space
+    when it starts, which would fail every run. JAX's allocator is capped by
+    ``gpu_budget_environment`` (set before JAX starts), PyTorch's caching allocator here by
+    ``torch.cuda.set_per_process_memory_fraction`` if PyTorch is imported; both then fail an
+    allocation past the budget with their out-of-memory error.
     """
+    if platform == "cuda":
+        if not gpu_total_mb:
+            raise RuntimeError("platform cuda, but no GPU is visible to this run (nvidia-smi lists none "
+                               "in CUDA_VISIBLE_DEVICES)")
+        fraction = _gpu_fraction(budget_mb, gpu_total_mb)
+        if "torch" in sys.modules:
+            sys.modules["torch"].cuda.set_per_process_memory_fraction(fraction)
+        return {"gpu_memory_total_mb": gpu_total_mb, "gpu_memory_budget_mb": min(budget_mb, gpu_total_mb),
+                "gpu_memory_fraction": round(fraction, 6)}
     base = virtual_mb() or 0.0
     limit = int((base + budget_mb) * MB)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -65,17 +93,50 @@ OOM_MARKERS = (
     "RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "DefaultCPUAllocator: can't allocate",
     "can't allocate memory", "std::bad_alloc", "Cannot allocate memory", "CUDA out of memory",
     "OutOfMemoryError", "failed to allocate",
+    # CUDA libraries failing to get their workspace: the device ran out of memory
+    "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUFFT_ALLOC_FAILED",
 )
 # XNNPACK/YNNPACK (JAX on CPU) print a failed allocation only on stderr, then raise a bare
 # INTERNAL error: under a memory budget that is running out of memory.
 OOM_PATTERN = re.compile("|".join([*map(re.escape, OOM_MARKERS), r"allocate of <\d+> failed"]))
+# Lines that mention memory without the run having run out of it: XLA's allocator warning
+# ("ran out of memory trying to allocate ... this is not a failure, but ...") and a CUDA
+# driver or context that failed to start (CUDA_ERROR_OUT_OF_MEMORY from cuInit or context
+# creation is a broken device or driver, an error of the machine, not of the batch size).
+NOT_OOM_LINE = re.compile(
+    r"not a failure|failed initializing StreamExecutor|cuInit|cuDevicePrimaryCtxRetain|cuCtxCreate"
+    r"|CUDA driver initialization failed|cudaErrorInitializationError|CUDA_ERROR_NOT_INITIALIZED"
+    r"|CUDA_ERROR_NO_DEVICE|driver version is insufficient|Unable to initialize backend")
 
 
 def oom_evidence(text: str) -> str | None:
     """The first sign in ``text`` (an error message, a worker's output) of running out of memory."""
-    match = OOM_PATTERN.search(text)
-    return match.group(0) if match else None
+    for line in text.splitlines():
+        match = None if NOT_OOM_LINE.search(line) else OOM_PATTERN.search(line)
+        if match:
+            return match.group(0)
+    return None
 
 
 def looks_like_oom(text: str) -> bool:
     return oom_evidence(text) is not None
+
+
+# memory_source of a CPU run (device_peak_memory); pages subtract the footprint after imports from it
+PROCESS_PEAK = "process peak resident set (VmHWM)"
+
+
+def device_peak_memory(framework: str, device: str) -> dict:
+    """Peak memory as the device sees it: the allocator's own peak on CUDA, peak RSS on CPU."""
+    if device == "cuda":
+        if framework == "torch":
+            import torch
+
+            return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
+                    "memory_source": "torch.cuda.max_memory_allocated"}
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        return {"peak_memory_mb": stats.get("peak_bytes_in_use", 0) / 2**20,
+                "memory_source": "jax device memory_stats peak_bytes_in_use"}
+    return {"peak_memory_mb": peak_rss_mb(), "memory_source": PROCESS_PEAK}

@@ -19,7 +19,6 @@ from jsonschema import Draft202012Validator
 from privbench.config import load_schema
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "oom", "timeout", "error")
 
 _validator = Draft202012Validator(load_schema("record.schema.yaml"))
 

@@ -17,6 +17,8 @@ from privbench.paths import REPO_ROOT
 TRACKED_LIBRARIES = (
     "privbench", "jax", "jaxlib", "flax", "optax", "jax-privacy", "torch",
     "torchvision", "opacus", "flwr", "numpy", "dp-accounting", "snakemake",
+    # the CUDA stack where installed (None elsewhere): JAX's plugin, the CUDA runtime, cuDNN
+    "jax-cuda13-plugin", "jax-cuda13-pjrt", "nvidia-cuda-runtime", "nvidia-cudnn-cu13",
 )
 
 
@@ -41,18 +43,54 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def gpu_description() -> str | None:
-    """GPU model(s) from nvidia-smi, or None when there is no GPU."""
+GPU_QUERY = "index,uuid,name,memory.total,driver_version"
+
+
+def _nvidia_smi_gpus() -> str | None:
+    """nvidia-smi's CSV lines for GPU_QUERY (every GPU of the node), or None without a GPU."""
     if not shutil.which("nvidia-smi"):
         return None
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout.strip()
+        return subprocess.run(
+            ["nvidia-smi", f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20, check=True).stdout
     except (subprocess.SubprocessError, OSError):
         return None
-    return "; ".join(line.strip() for line in out.splitlines() if line.strip()) or None
+
+
+def visible_gpus(smi_output: str | None = None, visible: str | None = None) -> list[dict]:
+    """The GPUs this process may use, in CUDA's order: the first is the one a run uses (cuda:0).
+
+    ``smi_output`` is nvidia-smi's CSV for GPU_QUERY (default: asked now); ``visible`` the
+    value of CUDA_VISIBLE_DEVICES (default: this process's), a list of indices or UUID
+    prefixes; unset means every GPU of the node.
+    """
+    smi_output = _nvidia_smi_gpus() if smi_output is None else smi_output
+    gpus = []
+    for line in (smi_output or "").splitlines():
+        fields = [field.strip() for field in line.split(",")]
+        if len(fields) == 5:
+            index, uuid, name, memory_mb, driver = fields
+            gpus.append({"index": index, "uuid": uuid, "name": name, "memory_total_mb": float(memory_mb),
+                         "driver": driver})
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    if visible is None:
+        return gpus
+    chosen = []
+    for entry in filter(None, (item.strip() for item in visible.split(","))):
+        match = [gpu for gpu in gpus if entry == gpu["index"] or gpu["uuid"].startswith(entry)]
+        if not match:  # CUDA ignores the entries from the first unknown one on
+            break
+        chosen.append(match[0])
+    return chosen
+
+
+def gpu_fields(gpus: list[dict]) -> dict:
+    """The record's GPU fields: the GPU the run used and its driver (None without a GPU)."""
+    if not gpus:
+        return {"gpu": None, "gpu_driver": None}
+    used = gpus[0]
+    return {"gpu": f"{used['name']}, {used['memory_total_mb']:.0f} MiB", "gpu_driver": used["driver"]}
 
 
 # What the workflow itself writes into the checkout (the default preset's pages and
@@ -97,13 +135,15 @@ def describe_system() -> dict:
         "memory_total_mb": _memory_total_mb(),
         "python": platform.python_version(),
         "libraries": library_versions(),
-        "gpu": gpu_description(),
+        **gpu_fields(visible_gpus()),
         "git_commit": git_commit(),
         # Set by the container runners; None when running in the host environment.
         "container_image": os.environ.get("PRIVBENCH_IMAGE"),
         "container_image_digest": os.environ.get("PRIVBENCH_IMAGE_DIGEST"),
         "hostname": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        # The SLURM node the job ran on (several nodes may share one host name).
+        "slurm_node": os.environ.get("SLURMD_NODENAME"),
         # Attestation evidence of a run on platform cvm (privbench.tee); None otherwise.
         "tee": None,
     }

@@ -35,7 +35,6 @@ from pathlib import Path
 
 CONFIGFS_ROOT = Path("/sys/kernel/config")
 SEV_GUEST_DEVICE = Path("/dev/sev-guest")
-POLICIES = ("required", "unattested")
 
 # configfs-tsm provider name -> TEE type, and where each report format keeps the
 # 64 bytes of user data it was asked to bind.

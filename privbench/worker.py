@@ -25,14 +25,28 @@ def _configure_threads(threads: int) -> None:
             os.environ[var] = str(threads)
 
 
+def _gpu_budget_before_imports(budget_mb: int) -> float | None:
+    """Platform cuda: the memory of the run's GPU, with JAX's allocator capped at the budget
+    before JAX starts (PyTorch's is capped after its import, by memory.apply_budget)."""
+    from privbench import memory, system  # neither loads a framework
+
+    gpus = system.visible_gpus()
+    if not gpus:
+        return None  # apply_budget fails the run, saying so
+    os.environ.update(memory.gpu_budget_environment(budget_mb, gpus[0]["memory_total_mb"]))
+    return gpus[0]["memory_total_mb"]
+
+
 def main(spec_path: str, result_path: str) -> int:
     with open(spec_path) as handle:
         spec = json.load(handle)
     limits = spec["limits"]
     _configure_threads(limits.get("threads", 0))
+    platform = spec.get("platform", "cpu")
+    gpu_total_mb = _gpu_budget_before_imports(limits["memory_budget_mb"]) if platform == "cuda" else None
 
     # Imported here, after the thread settings, because they load the frameworks.
-    from privbench import experiments, memory, system, tee
+    from privbench import memory, precision, studies, system, tee
     from privbench.records import write_json_atomic
 
     phases: dict = {}
@@ -44,11 +58,12 @@ def main(spec_path: str, result_path: str) -> int:
     try:
         system_extra["tee"] = tee.attest_run(spec)
         t0 = time.perf_counter()
-        experiment = experiments.get(spec["experiment"])
+        experiment = studies.measure(spec["experiment"])
         experiment.import_frameworks(spec)
         phases["import_s"] = time.perf_counter() - t0
         metrics["rss_after_import_mb"] = memory.rss_mb()
-        metrics.update(memory.apply_budget(limits["memory_budget_mb"]))
+        metrics.update(precision.apply(limits.get("precision", "highest"), platform))
+        metrics.update(memory.apply_budget(limits["memory_budget_mb"], platform, gpu_total_mb))
         metrics["peak_rss_reset"] = memory.reset_peak_rss()
         _progress(f"{spec['run_id']}: imports done in {phases['import_s']:.1f} s, "
                   f"memory budget {limits['memory_budget_mb']} MB")

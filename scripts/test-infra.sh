@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install the Debian packages the container and SLURM tests use, if missing:
-# Podman (with runc) and debootstrap for the image test, SLURM and MUNGE for
-# the one-node cluster test. Quick when all are installed; needs root and apt
+# Podman (with runc), Docker (docker.io: dockerd, containerd, Debian's client
+# /usr/bin/docker) and debootstrap for the image tests, SLURM and MUNGE for
+# the cluster tests. Quick when all are installed; needs root and apt
 # (elsewhere it says so, and those tests skip with the reason).
 set -euo pipefail
 
-packages=(podman runc debootstrap slurm-wlm munge)
+packages=(podman runc docker.io debootstrap slurm-wlm munge)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

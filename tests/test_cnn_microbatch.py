@@ -8,7 +8,10 @@ import pytest
 import yaml
 
 from privbench import config, records
-from privbench.experiments import cnn_microbatch
+from privbench.studies.curves import make_run_spec
+from privbench.studies import validate as validate_with_studies
+from privbench.studies.cnn_microbatch import plan as cnn_microbatch, report as cnn_report
+from privbench.memory import PROCESS_PEAK
 from privbench.training import make_trainer
 
 
@@ -67,7 +70,7 @@ def test_invalid_section_is_rejected_naming_the_key(repo_root, mutate, expected)
     raw = _raw(repo_root)
     mutate(raw["cnn_microbatch"])
     with pytest.raises(config.ConfigError) as info:
-        config.validate(raw)
+        validate_with_studies(raw)
     assert expected in str(info.value)
 
 
@@ -85,14 +88,14 @@ def test_fast_dp_is_one_run_per_case_and_framework_and_can_be_turned_off(repo_ro
     # the other runs keep their ids and specs, so their existing records are reused
     assert set(without) <= set(with_fast)
     for curve_id, curve in without.items():
-        assert cnn_microbatch.make_run_spec(with_fast[curve_id], curve["batch_start"]) == \
-            cnn_microbatch.make_run_spec(curve, curve["batch_start"])
+        assert make_run_spec(with_fast[curve_id], curve["batch_start"]) == \
+            make_run_spec(curve, curve["batch_start"])
 
 
 def _runs(sps_by_microbatch: dict, cv: float) -> pd.DataFrame:
     rows = [{"framework": "jax", "size": "small", "batch_size": 32, "mode": "standard", "microbatch_size": None,
              "status": "ok", "throughput_sps": 200.0, "cv_step": cv, "peak_memory_mb": 500.0,
-             "rss_after_import_mb": 200.0, "memory_source": cnn_microbatch.PROCESS_PEAK}]
+             "rss_after_import_mb": 200.0, "memory_source": PROCESS_PEAK}]
     for microbatch, sps in sps_by_microbatch.items():
         rows.append({**rows[0], "mode": "clipped", "microbatch_size": microbatch, "throughput_sps": sps,
                      "peak_memory_mb": 400.0 + 10 * microbatch})
@@ -101,8 +104,8 @@ def _runs(sps_by_microbatch: dict, cv: float) -> pd.DataFrame:
 
 def _recommend(sps_by_microbatch: dict, cv: float) -> str:
     case = {"size": "small", "batch_size": 32, "microbatch_sizes": sorted(sps_by_microbatch, reverse=True)}
-    findings = cnn_microbatch._microbatch_findings(cnn_microbatch._Case(_runs(sps_by_microbatch, cv), "jax", case))
-    return cnn_microbatch._recommendation([findings], {"recommended_microbatch": "largest"})
+    findings = cnn_report._microbatch_findings(cnn_report._Case(_runs(sps_by_microbatch, cv), "jax", case))
+    return cnn_report._recommendation([findings], {"recommended_microbatch": "largest"})
 
 
 def test_fast_dp_row_and_summary_are_computed_from_its_run():
@@ -110,19 +113,19 @@ def test_fast_dp_row_and_summary_are_computed_from_its_run():
     runs = _runs({32: 50.0, 8: 40.0}, cv=0.02)
     runs = pd.concat([runs, pd.DataFrame([{**runs.iloc[0].to_dict(), "mode": "fast_dp", "microbatch_size": None,
                                            "throughput_sps": 150.0, "peak_memory_mb": 450.0}])])
-    view = cnn_microbatch._Case(runs, "jax", case)
+    view = cnn_report._Case(runs, "jax", case)
     table = view.table({"standard": 100.0, "clipped": {32: 60.0}})
     assert "| Fast DP (kit) | - | 150.00 ±2% | 0.75x | 75.0% | 450 (+250) | - | - |" in table
     assert table.index("| Clipped | 8 |") < table.index("| Fast DP (kit) |")
-    assert cnn_microbatch._fast_dp_lines([view]) == [
+    assert cnn_report._fast_dp_lines([view]) == [
         "JAX: CNN small at batch 32: 75.0% of standard, 3.00x the throughput of the fastest jax-privacy "
         "clipped run (microbatch 32)."]
     failed = runs.copy()
     failed.loc[failed["mode"] == "fast_dp", ["status", "throughput_sps"]] = ["oom", None]
-    line = cnn_microbatch._fast_dp_lines([cnn_microbatch._Case(failed, "jax", case)])[0]
+    line = cnn_report._fast_dp_lines([cnn_report._Case(failed, "jax", case)])[0]
     assert line.startswith("JAX: CNN small at batch 32: no share computed (fast DP: OOM;")
     # not configured: no row
-    assert "Fast DP" not in cnn_microbatch._Case(_runs({32: 50.0, 8: 40.0}, cv=0.02), "jax", case).table(None)
+    assert "Fast DP" not in cnn_report._Case(_runs({32: 50.0, 8: 40.0}, cv=0.02), "jax", case).table(None)
 
 
 def test_recommendation_follows_the_measurements():
@@ -195,7 +198,7 @@ def test_a_run_past_its_time_limit_is_shown_not_dropped(tiny_workflow, tmp_path,
     table.loc[clipped, ["status", "message", "throughput_sps"]] = ["timeout", "did not finish in 60 s", None]
     table.to_csv(tmp_path / "table.csv", index=False)
     cfg = {**tiny_config, "docs_dir": str(tmp_path / "docs"), "assets_dir": str(tmp_path / "assets")}
-    cnn_microbatch.report(cfg, tmp_path / "table.csv")
+    cnn_report.report(cfg, tmp_path / "table.csv")
     page = (tmp_path / "docs" / "cnn_benchmark_results.md").read_text()
     assert "| Clipped | 1 | did not finish in 60 s | - | - | - |" in page
     assert "1 timeout" in page

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from privbench import config
-from privbench.experiments import throughput
+from privbench.studies.curves import make_run_spec
+from privbench.studies.throughput import plan as throughput
 
 
 @pytest.mark.parametrize("preset", ["config.yaml", "tiny.yaml", "full.yaml"])
@@ -59,7 +60,29 @@ def test_plan_covers_every_combination(tiny_config):
 def test_changed_setting_changes_the_run_identity(tiny_config):
     curve = throughput.curves(tiny_config)["jax-cnn-tiny-clipped"]
     other = copy.deepcopy(curve)
-    other["settings"]["noise_std"] = 0.5
-    a, b = throughput.make_run_spec(curve, 2), throughput.make_run_spec(other, 2)
+    other["run"]["settings"]["noise_std"] = 0.5
+    a, b = make_run_spec(curve, 2), make_run_spec(other, 2)
     assert a["run_id"] == b["run_id"]
     assert a["config"]["spec_hash"] != b["config"]["spec_hash"]
+
+
+def test_unknown_mode_is_named_against_the_dp_method_registry(repo_root):
+    from privbench import studies
+
+    raw = _raw(repo_root)
+    raw["throughput"]["modes"] = ["standard", "fastdp"]
+    with pytest.raises(config.ConfigError) as info:
+        studies.validate(raw)
+    assert "'throughput.modes' has unknown mode 'fastdp': choose from standard, clipped, fast_dp" in str(info.value)
+
+
+def test_modes_and_trainers_come_from_the_dp_method_registry():
+    # Adding a DP method is one entry in dp_methods.REGISTRY: the modes, their
+    # trainers and the microbatch rule follow from it.
+    from privbench import training
+    from privbench.training import dp_methods
+
+    assert training.MODES == ("standard", *dp_methods.NAMES)
+    for (framework, method), entry in dp_methods.REGISTRY.items():
+        assert training.REGISTRY[(framework, method)] == training.TRAINERS[(framework, entry.trainer)]
+        assert ((framework, method) in training.MICROBATCH_MODES) == (entry.trainer == dp_methods.LIBRARY)

@@ -7,13 +7,14 @@ import pytest
 
 from privbench import harness, records
 from privbench.cli import main as cli_main
-from privbench.experiments import throughput
+from privbench.studies.curves import make_run_spec
+from privbench.studies.throughput import plan as throughput
 
 
 def _spec(tiny_config, curve_id="jax-cnn-tiny-standard", batch=2, **limits):
     curve = throughput.curves(tiny_config)[curve_id]
     curve["limits"] = {**curve["limits"], **limits}
-    return throughput.make_run_spec(curve, batch)
+    return make_run_spec(curve, batch)
 
 
 def test_ok_run_writes_a_complete_record(tmp_path, tiny_config):
@@ -60,7 +61,7 @@ def test_sweep_stops_at_first_failure_and_keeps_finished_runs(tmp_path, tiny_con
     curve["limits"] = {**curve["limits"], "memory_budget_mb": 1024}
 
     def spec_for(c, batch):  # batch 8 needs far more than the budget: a "small" model
-        spec = throughput.make_run_spec(c, batch)
+        spec = make_run_spec(c, batch)
         if batch >= 8:
             spec["config"]["size"] = "small"
             spec["config"]["batch_size"] = 16384

@@ -1,12 +1,15 @@
 """Page "Memory Profiling Analysis": the memory meter, the config section, the page from the tiny preset."""
 
+import contextlib
+
 import pandas as pd
 import pytest
 import torch
 import yaml
 
 from privbench import config, records
-from privbench.experiments import memory_profile
+from privbench.studies import validate as validate_with_studies
+from privbench.studies.memory_profile import measure as memory_measure, plan as memory_profile, report as memory_report
 from privbench.profiling import SavedTensors, StepMeter, held_bytes
 
 MIB = 2**20
@@ -46,60 +49,78 @@ def test_cpu_meter_sees_allocations_and_frees_inside_sections():
 
 
 def test_fast_dp_cut_into_phases_is_the_kits_own_step():
-    """The page times and meters fast_dp's step in three phases; the update stays FastDPOptimizer.step's."""
+    """The page times and meters fast_dp's step in the engine's phases; the update stays ``DPOptimizer.step``'s."""
     from privbench import models
-    from privbench.dp.fast_torch import make_private_fast
+    from privbench.dp.torch_engine import make_private
     from privbench.training import DEFAULT_SETTINGS
 
     cpu, batch, clip = torch.device("cpu"), 4, DEFAULT_SETTINGS["l2_clip_norm"]
-    run = memory_profile.build_method("fast_dp", "tiny", batch, seed=0, device=cpu)
+    run = memory_measure.build_method("fast_dp", "tiny", batch, seed=0, device=cpu)
     assert run.description["noise_multiplier"] == DEFAULT_SETTINGS["noise_std"] * batch / clip
-    assert "ghost" in run.description["dp_methods"] and run.description["dp_fallback"] == []
+    assert "gram" in run.description["dp_methods"] and run.description["dp_fallback"] == []
     family = models.family("transformer")
     reference = models.build("torch", "transformer", "tiny", 0)
-    dp = make_private_fast(reference, torch.optim.AdamW(reference.parameters(), lr=DEFAULT_SETTINGS["learning_rate"]),
-                           max_grad_norm=clip, noise_multiplier=run.description["noise_multiplier"],
-                           expected_batch_size=batch, noise_generator=torch.Generator(cpu).manual_seed(0))
+    dp = make_private(reference, torch.optim.AdamW(reference.parameters(), lr=DEFAULT_SETTINGS["learning_rate"]),
+                      max_grad_norm=clip, noise_multiplier=run.description["noise_multiplier"],
+                      expected_batch_size=batch, noise_generator=torch.Generator(cpu).manual_seed(0))
     for _ in range(2):
         run.zero_grad()
-        for _phase, parts in memory_profile._phase_functions(run):
-            for _part, fn in parts:
-                fn()
+        memory_measure._run_step(run, memory_measure._Parts(lambda _key: contextlib.nullcontext()))
         dp.optimizer.zero_grad(set_to_none=True)
         dp.step(family.loss_torch, run.inputs, run.targets)
     for mine, theirs in zip(run.model.parameters(), reference.parameters()):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
-    profiled = memory_profile.profile_step(run, "fast_dp", cpu)
-    assert profiled["components_after_forward_mb"]["hook_inputs"] > 0  # the recorded layer inputs and outputs
+    profiled = memory_measure.profile_step(run, cpu)
+    # every layer input the engine keeps after the forward pass is one autograd saves anyway
+    assert profiled["components_after_forward_mb"]["hook_inputs"] == 0
+    assert profiled["components_after_forward_mb"]["saved_activations"] > 0
     assert profiled["components_after_backward_mb"]["gradients"] > 0  # the clipped sums, before noise
-    assert {c["route"] for c in profiled["norm_calls"]} >= {"ghost", "segment", "stored"}
+    assert {c["route"] for c in profiled["norm_calls"]} >= {"gram", "segment", "elementwise"}
     assert all(c["peak_mb"] >= c["before_mb"] for c in profiled["norm_calls"])
+    # the engine's backward phase, cut by its observer where the norms are done
+    assert {"backward: norms", "backward: clipped sum"} <= set(profiled["part_levels_mb"])
 
 
-def test_one_pass_flash_meters_every_layer_with_its_route():
-    """Each layer's norm computation is its own meter section, labelled with the route flash took."""
+def test_engine_observer_meters_every_layer_with_its_route():
+    """Each layer's norm computation is its own meter section, reported by the engine's phase
+    observer with the route the engine took (the routes ``describe()`` lists)."""
     from privbench import models
 
     cpu = torch.device("cpu")
-    run = memory_profile.build_method("flash", "tiny", 4, 0, cpu)
-    metrics = memory_profile.profile_step(run, "flash", cpu)
+    run = memory_measure.build_method("fast_dp", "tiny", 4, 0, cpu)
+    metrics = memory_measure.profile_step(run, cpu)
     model = models.build("torch", memory_profile.MODEL, "tiny", 0)
     with_params = [name for name, m in model.named_modules() if list(m.parameters(recurse=False))]
     assert sorted(c["layer"] for c in metrics["norm_calls"]) == sorted(with_params)
-    assert {c["route"] for c in metrics["norm_calls"]} <= {"per_example", "norm_sampler"}
-    routes = memory_profile._flash_routes(metrics)
+    assert all(f"norm: {c['layer']}" in metrics["part_levels_mb"] for c in metrics["norm_calls"])
+    described = {line.split(" (")[0]: line.rsplit(": ", 1)[1] for line in run.description["dp_layers"]}
+    assert {c["layer"]: c["route"] for c in metrics["norm_calls"]} == described
+    routes = memory_report._routes_by_type(metrics)
     assert sum(int(part.split()[0]) for part in routes.split("; ")) == len(with_params)
-    # 8 tokens per example: a linear layer's per-example gradients would not fit; its form is named
+    # 8 tokens per example: a linear layer's per-example gradients would not fit; its route is named
     assert "Linear: gram" in routes or "Linear: direct" in routes
-    assert "LayerNorm: per-example gradients" in routes
+    assert "LayerNorm: elementwise" in routes
+
+
+def test_kit_norms_in_opacus_ghost_path_note_their_form():
+    """flash_two_pass: Opacus' registry wrapped, each kit norm sampler's call noted with its form."""
+    from privbench.dp import opacus_norms
+
+    cpu = torch.device("cpu")
+    with opacus_norms.registered():  # puts Opacus' own samplers back for the other tests
+        run = memory_measure.build_method("flash_two_pass", "tiny", 4, 0, cpu)
+        metrics = memory_measure.profile_step(run, cpu)
+    forms = {c["type"]: c.get("form") for c in metrics["norm_calls"]}
+    assert forms["Linear"] in ("gram", "direct") and forms["Embedding"] is None
+    assert memory_report._kit_norm_facts({"flash_two_pass": metrics})["forms"] == forms["Linear"]
 
 
 def test_unknown_method_is_named_in_the_config_error(repo_root):
     raw = yaml.safe_load((repo_root / "config" / "tiny.yaml").read_text())
     raw["memory_profile"]["methods"] = ["vanilla", "ghostt"]
     with pytest.raises(config.ConfigError, match="memory_profile.methods.1"):
-        config.validate(raw)
+        validate_with_studies(raw)
 
 
 @pytest.mark.e2e
@@ -118,20 +139,19 @@ def test_records_table_charts_and_page_agree(tiny_workflow):
             assert sum(metrics[f"components_{point}_mb"].values()) == pytest.approx(timeline[point])
         assert metrics["components_after_forward_mb"]["saved_activations"] > 0
         label = memory_profile.METHOD_LABELS[row.method]
-        peak = memory_profile._mb(metrics["peak_memory_mb"])
+        peak = memory_report._mb(metrics["peak_memory_mb"])
         assert f"| {label} |" in page and f"| {peak} |" in page
-    flash = records.read_record(table[table.method == "flash"].iloc[0].record_path)["metrics"]
-    assert {"backward: norms", "backward: clipped sum"} <= set(flash["part_times_s"])
-    assert f"(here: {memory_profile._flash_routes(flash)})" in page  # each layer's route, as recorded
     ghost = records.read_record(table[table.method == "ghost"].iloc[0].record_path)["metrics"]
     assert {c["type"] for c in ghost["norm_calls"]} == {"Linear", "Embedding"}
-    # the kit's fast DP-SGD: its own row (no published figures), its phases, its per-layer norms
+    # the kit engine: its own row (no published figures), its phases, its per-layer norms
     fast = records.read_record(table[table.method == "fast_dp"].iloc[0].record_path)["metrics"]
-    assert set(fast["part_times_s"]) == {"forward", "backward", "step"}
+    assert {"backward: norms", "backward: clipped sum"} <= set(fast["part_times_s"])
+    assert f"(here: {memory_report._routes_by_type(fast)})" in page  # each layer's route, as recorded
+    assert set(fast["part_times_s"]) == {"forward", "backward: norms", "backward: clipped sum", "step"}
     assert {c["type"] for c in fast["norm_calls"]} == {"Linear", "Embedding", "LayerNorm"}
     vanilla = records.read_record(table[table.method == "vanilla"].iloc[0].record_path)["metrics"]
     label = memory_profile.METHOD_LABELS["fast_dp"]
-    assert (f"| {label} | - | - | - | - | {memory_profile._mb(fast['peak_memory_mb'])} | "
+    assert (f"| {label} | - | - | - | - | {memory_report._mb(fast['peak_memory_mb'])} | "
             f"{1000 * fast['mean_step_s']:,.1f} | {fast['peak_memory_mb'] / vanilla['peak_memory_mb']:.2f}x | "
             f"{fast['mean_step_s'] / vanilla['mean_step_s']:.2f}x |") in page
     assert f"**The phases of {label}.**" in page

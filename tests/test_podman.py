@@ -2,7 +2,7 @@
 benchmark in it through the real runner and harness.
 
 No registry can be reached here, so the base image is made from the Debian archive
-(scripts/podman-base-image.sh) and kept in Podman's store across test runs, as are the
+(scripts/base-image.sh) and kept in Podman's store across test runs, as are the
 build's cached layers. To stay within CI time the test builds the CPU image without
 PyTorch (build argument WITHOUT: about 1 GB instead of 7, the same pins otherwise) and
 runs a JAX benchmark. Podman runs rootful here, with runc, cgroupfs and ulimits below
@@ -15,13 +15,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from privbench import __version__, config, harness, records, system
-from privbench.experiments import throughput
+from infrastructure import sweep_single_run
+from privbench import __version__, config, harness, system
+from privbench.studies.curves import make_run_spec
+from privbench.studies.throughput import plan as throughput
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
@@ -69,9 +70,9 @@ def cpu_image() -> str:
     reason = _why_not_here()
     if reason:
         pytest.skip(reason)
-    env = {**os.environ, "PODMAN": " ".join(PODMAN), "RUNTIME": " ".join(PODMAN),
+    env = {**os.environ, "RUNTIME": " ".join(PODMAN),
            "BASE_IMAGE": BASE_IMAGE, "TAG": IMAGE}
-    subprocess.run(["scripts/podman-base-image.sh", BASE_IMAGE], cwd=REPO_ROOT, env=env, check=True,
+    subprocess.run(["scripts/base-image.sh", BASE_IMAGE], cwd=REPO_ROOT, env=env, check=True,
                    capture_output=True)
     ca_bundle = "/etc/ssl/certs/ca-certificates.crt"
     build = subprocess.run(
@@ -106,13 +107,7 @@ def test_image_labels_and_user(cpu_image):
 def test_tiny_benchmark_in_the_image(cpu_image, tmp_path):
     """The sweep rule's command, with the podman runner: the record comes from inside the image."""
     curve = next(iter(throughput.curves(_preset()).values()))
-    sweep = subprocess.run(
-        [sys.executable, "-m", "privbench", "sweep", "--curve-json", json.dumps(curve),
-         "--records-dir", str(tmp_path / "runs"), "--output", str(tmp_path / "curve.json")],
-        cwd=REPO_ROOT, capture_output=True, text=True)
-    assert sweep.returncode == 0, sweep.stdout[-4000:] + sweep.stderr[-4000:]
-    [run] = json.loads((tmp_path / "curve.json").read_text())["runs"]
-    record = records.read_record(run["record"])  # valid against the record schema
+    record = sweep_single_run(curve, tmp_path)  # valid against the record schema
     assert record["status"] == "ok", record["message"]
     assert record["config"]["runner"] == "podman" and record["metrics"]["throughput_sps"] > 0
     described = record["system"]
@@ -129,7 +124,7 @@ def test_tiny_benchmark_in_the_image(cpu_image, tmp_path):
 
 def test_a_timed_out_run_leaves_no_container(cpu_image, tmp_path):
     cfg = _preset(timeout_s=4)  # past the container's start, before JAX has compiled
-    spec = throughput.make_run_spec(next(iter(throughput.curves(cfg).values())), 2)
+    spec = make_run_spec(next(iter(throughput.curves(cfg).values())), 2)
     record = harness.run_isolated(spec, tmp_path / "run.json", cfg["runner"])
     assert record["status"] == "timeout"
     assert _podman("ps", "--all", "--filter", "name=^privbench-", "--format", "{{.Names}}") == ""

@@ -1,5 +1,6 @@
 """The runners' command lines: each runtime's flags per platform, mounts, image and digest,
-and clear messages when a runtime or an image is missing. (Real runs: test_podman.py.)"""
+and clear messages when a runtime or an image is missing. (Real runs: test_podman.py,
+test_docker.py.)"""
 
 import hashlib
 import os
@@ -116,3 +117,13 @@ def test_runner_config_is_validated(tiny_config):
         config.validate(bad)
     assert "unknown key 'image' under 'runner'" in str(error.value)
     assert "'runner.kind': 'singularity' is not one of" in str(error.value)
+
+
+def test_snakemakes_own_apptainer_is_refused_with_the_runner_to_use(tmp_path):
+    """The rules declare no container: --sdm apptainer would be ignored, so the workflow stops."""
+    from conftest import run_workflow
+
+    result = run_workflow(tmp_path, "--dry-run", "--sdm", "apptainer", check=False)
+    assert result.returncode != 0
+    message = " ".join((result.stdout + result.stderr).split())
+    assert "--sdm apptainer is not used by this workflow" in message and "runner.kind (apptainer" in message

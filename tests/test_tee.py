@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from privbench import aggregate, config, harness, records, tee
-from privbench.experiments import throughput
+from privbench.studies.curves import make_run_spec
+from privbench.studies.throughput import plan as throughput
 from privbench.report import pages
 
 RUN_ID = "jax-cnn-tiny-standard-b2"
@@ -155,7 +156,7 @@ def test_cvm_runs_without_a_tee_fail_unless_unattested_is_allowed(tmp_path):
         "throughput": {"frameworks": ["jax"], "models": ["cnn"], "sizes": ["tiny"], "modes": ["standard"],
                        "batch_start": 2, "batch_cap": 2, "warmup_steps": 1, "timed_steps": 2,
                        "opacus_table_batch": 2}})
-    spec = throughput.make_run_spec(next(iter(throughput.curves(cfg).values())), 2)
+    spec = make_run_spec(next(iter(throughput.curves(cfg).values())), 2)
 
     refused = harness.run_isolated(spec, tmp_path / "required" / f"{RUN_ID}.json", {"attestation": "required"})
     assert refused["status"] == "error" and refused["system"]["tee"] is None

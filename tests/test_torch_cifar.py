@@ -18,7 +18,9 @@ from cifar_archive import serve
 from conftest import run_workflow
 from privbench import config as config_mod, harness, records
 from privbench.data import cifar100
-from privbench.experiments import torch_cifar
+from privbench.studies.curves import make_run_spec
+from privbench.studies import validate as validate_with_studies
+from privbench.studies.torch_cifar import plan as torch_cifar, report as torch_report
 
 
 @pytest.fixture
@@ -80,11 +82,11 @@ def test_configuration_batch_range_is_checked(tiny_config):
     bad = {**tiny_config, "torch_cifar": {**tiny_config["torch_cifar"],
                                           "configurations": {"opacus": {"batch_start": 8, "batch_cap": 4}}}}
     with pytest.raises(config_mod.ConfigError, match="torch_cifar.configurations.opacus.batch_cap' .4. is smaller"):
-        config_mod.validate(bad)
+        validate_with_studies(bad)
 
 
 def test_privacy_levels():
-    assert [torch_cifar.privacy_level(dp, iso) for dp, iso in [(False, False), (True, False), (False, True),
+    assert [torch_report.privacy_level(dp, iso) for dp, iso in [(False, False), (True, False), (False, True),
                                                                (True, True)]] == ["None", "Incomplete",
                                                                                   "Incomplete", "OK"]
 
@@ -101,7 +103,7 @@ def tiny_data_config(tiny_config, tmp_path):
 def test_a_batch_past_the_memory_budget_is_recorded_as_oom(tiny_data_config, tmp_path):
     curve = torch_cifar.curves(tiny_data_config)["opacus"]
     curve["limits"]["memory_budget_mb"] = 512  # per-sample gradients of 4.1M parameters x 32 examples do not fit
-    record = harness.run_isolated(torch_cifar.make_run_spec(curve, 32), tmp_path / "r.json")
+    record = harness.run_isolated(make_run_spec(curve, 32), tmp_path / "r.json")
     assert record["status"] == "oom", record["message"]
 
 
@@ -127,10 +129,10 @@ def test_fast_dp_trains_with_the_opacus_rows_model_sampling_and_accountant():
     assert any(not torch.equal(a, b) for a, b in zip(before, fast.model.parameters()))
 
 
-def _outcome(configuration: str, seconds: float, batch: int) -> torch_cifar.Outcome:
+def _outcome(configuration: str, seconds: float, batch: int) -> torch_report.Outcome:
     row = pd.Series({"configuration": configuration, "seconds_per_epoch": seconds, "batch_size": batch,
                      "estimated": True, "timed_steps": 2, "epsilon": 3.5, "delta": 1e-5})
-    return torch_cifar.Outcome(row, f"batch cap {batch} reached", False)
+    return torch_report.Outcome(row, f"batch cap {batch} reached", False)
 
 
 def test_fast_dp_row_ratio_and_batch_lines():
@@ -139,18 +141,18 @@ def test_fast_dp_row_ratio_and_batch_lines():
     published = pages.published(torch_cifar.PUBLISHED)
     outcomes = {"baseline": _outcome("baseline", 10.0, 64), "opacus": _outcome("opacus", 80.0, 16),
                 "fast_dp": _outcome("fast_dp", 20.0, 16)}
-    rows = torch_cifar._table_rows(published, outcomes, set(outcomes))
+    rows = torch_report._table_rows(published, outcomes, set(outcomes))
     labels = [r[0] for r in rows]
     assert labels[:3] == ["PyTorch (baseline)", "PyTorch + Opacus", "PyTorch + fast DP (kit)"]
     fast = rows[2]
     assert fast[1] == "Incomplete" and fast[2:6] == ["-"] * 4  # privacy as Opacus; nothing published
     assert fast[6] == "≈20.00 (16)" and fast[7] == "3.50 (δ=1e-05)"
     assert "PyTorch + 2-party Flower + fast DP (kit)" not in labels  # not configured, nothing published
-    lines = torch_cifar._ratio_lines(published, outcomes)
+    lines = torch_report._ratio_lines(published, outcomes)
     assert ("PyTorch + fast DP (kit): 2.0x the baseline's time per epoch (batch 16 against 64); 0.25x the "
             "time per epoch of PyTorch + Opacus (batch 16)") in lines[1]
     assert "PyTorch + fast DP (kit): batch 16 fitted; batch cap 16 reached (PyTorch + Opacus: batch 16)." in \
-        torch_cifar._batch_lines(outcomes)
+        torch_report._batch_lines(outcomes)
 
 
 # --------------------------------------------------------------------------- Flower
@@ -185,7 +187,7 @@ def test_flower_with_the_kits_fast_dp(tiny_data_config, tmp_path, monkeypatch):
     tiny_data_config["data"]["dir"] = "data"
     tiny_data_config["torch_cifar"]["configurations"]["flower_fast_dp"] = {"batch_start": 2, "batch_cap": 2}
     curve = torch_cifar.curves(tiny_data_config)["flower_fast_dp"]
-    record = harness.run_isolated(torch_cifar.make_run_spec(curve, 2), tmp_path / "r.json")
+    record = harness.run_isolated(make_run_spec(curve, 2), tmp_path / "r.json")
     assert record["status"] == "ok", record["message"]
     metrics = record["metrics"]
     assert len(metrics["round_times_s"]) == 2 and metrics["epsilon"] > 0 and record["estimated"]
@@ -196,7 +198,7 @@ def test_flower_with_the_kits_fast_dp(tiny_data_config, tmp_path, monkeypatch):
 def test_a_client_dying_mid_round_fails_the_run_and_leaves_no_process(tiny_data_config, tmp_path):
     curve = torch_cifar.curves(tiny_data_config)["flower"]
     curve.update(rounds=1, timed_steps=200)  # a round far longer than the test waits
-    spec = torch_cifar.make_run_spec(curve, 2)
+    spec = make_run_spec(curve, 2)
     started = time.time()
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.update(record=harness.run_isolated(spec, tmp_path / "r.json")))
@@ -241,7 +243,7 @@ def test_page_agrees_with_the_records(tiny_workflow, tiny_config):
             assert sum(c["train_examples"] for c in metrics["clients"]) == tiny["train_subset"]
     # the published figures beside the reproduced ones; BastionLab kept, with its stand-ins
     assert "6,787.58 (16)" in page and "105.71 (256)" in page
-    assert page.count(torch_cifar.NOT_REPRODUCIBLE) == 4
+    assert page.count(torch_report.NOT_REPRODUCIBLE) == 4
     assert page.count("not measured (no confidential VM)") == 2
     baseline = table[table.configuration == "baseline"].sort_values("batch_size").iloc[-1]
     opacus = table[table.configuration == "opacus"].iloc[0]
@@ -266,7 +268,7 @@ def test_full_epoch_is_timed_whole_and_not_labelled_an_estimate(tiny_data_config
     """The full preset's path: every step of one epoch timed, no extrapolation."""
     tiny_data_config["torch_cifar"]["full_epoch"] = True
     curve = torch_cifar.curves(tiny_data_config)["baseline"]
-    record = harness.run_isolated(torch_cifar.make_run_spec(curve, 16), tmp_path / "r.json")
+    record = harness.run_isolated(make_run_spec(curve, 16), tmp_path / "r.json")
     assert record["status"] == "ok", record["message"]
     metrics = record["metrics"]
     assert not record["estimated"]

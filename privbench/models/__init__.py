@@ -8,8 +8,8 @@ Every family module exposes:
                                       kit's own test size; small/medium/large are
                                       the published ones)
     PUBLISHED_PARAMS: dict[str, int]  published parameter counts per size
-    build_torch(size, seed) -> torch.nn.Module
-    build_jax(size, seed) -> flax.nnx.Module
+    torch_class() -> the torch.nn.Module class, called with SIZES[size]
+    jax_class() -> the flax.nnx.Module class, called with SIZES[size] and rngs
     loss_torch(outputs, targets) -> scalar mean loss
     loss_jax(outputs, targets) -> scalar mean loss
     synthetic_batch(size, batch_size, framework, seed) -> (inputs: tuple, targets)
@@ -62,9 +62,15 @@ def build(framework: str, model: str, size: str, seed: int = 0):
     check_size(model, size)
     fam = family(model)
     if framework == "torch":
-        return fam.build_torch(size, seed)
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
+            torch.manual_seed(seed)
+            return fam.torch_class()(**fam.SIZES[size])
     if framework == "jax":
-        return fam.build_jax(size, seed)
+        from flax import nnx
+
+        return fam.jax_class()(**fam.SIZES[size], rngs=nnx.Rngs(seed))
     raise UnknownModelError(f"unknown framework {framework!r}: choose jax or torch")
 
 

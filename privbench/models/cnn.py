@@ -34,7 +34,7 @@ def _flat_features(input_shape, features) -> int:
 
 
 @functools.cache
-def _torch_class():
+def torch_class():
     import torch
     from torch import nn
 
@@ -61,7 +61,7 @@ def _torch_class():
 
 
 @functools.cache
-def _jax_class():
+def jax_class():
     import jax
     from flax import nnx
 
@@ -83,20 +83,6 @@ def _jax_class():
             return self.head(jax.nn.relu(self.hidden(x)))
 
     return CNN
-
-
-def build_torch(size: str, seed: int):
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _torch_class()(**SIZES[size])
-
-
-def build_jax(size: str, seed: int):
-    from flax import nnx
-
-    return _jax_class()(**SIZES[size], rngs=nnx.Rngs(seed))
 
 
 def loss_torch(outputs, targets):

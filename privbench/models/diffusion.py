@@ -35,7 +35,7 @@ NORM_EPS = 1e-5
 
 
 @functools.cache
-def _torch_class():
+def torch_class():
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -69,7 +69,7 @@ def _torch_class():
 
 
 @functools.cache
-def _jax_class():
+def jax_class():
     import jax
     from flax import nnx
 
@@ -102,20 +102,6 @@ def _jax_class():
             return self.conv_out(x)
 
     return Diffusion
-
-
-def build_torch(size: str, seed: int):
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _torch_class()(**SIZES[size])
-
-
-def build_jax(size: str, seed: int):
-    from flax import nnx
-
-    return _jax_class()(**SIZES[size], rngs=nnx.Rngs(seed))
 
 
 def loss_torch(outputs, targets):

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 
-from privbench.models import UnknownModelError
+from privbench.models import language
 
 SIZES = {
     "tiny": {"vocab_size": 50, "hidden": 16, "heads": 2, "layers": 1, "seq_len": 8},
@@ -35,7 +34,7 @@ LN_EPS = 1e-5
 
 
 @functools.cache
-def _torch_class():
+def torch_class():
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -89,7 +88,7 @@ def _torch_class():
 
 
 @functools.cache
-def _jax_class():
+def jax_class():
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -136,49 +135,10 @@ def _jax_class():
     return Transformer
 
 
-def build_torch(size: str, seed: int):
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _torch_class()(**SIZES[size])
-
-
-def build_jax(size: str, seed: int):
-    from flax import nnx
-
-    return _jax_class()(**SIZES[size], rngs=nnx.Rngs(seed))
-
-
-def loss_torch(outputs, targets):
-    import torch.nn.functional as F
-
-    return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
-
-
-def loss_jax(outputs, targets):
-    import optax
-
-    logits = outputs.reshape(-1, outputs.shape[-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets.reshape(-1)).mean()
+loss_torch = language.loss_torch
+loss_jax = language.loss_jax
 
 
 def synthetic_batch(size: str, batch_size: int, framework: str, seed: int):
     """Uniform random input and target tokens, the same numbers in both frameworks."""
-    spec = SIZES[size]
-    rng = np.random.default_rng(seed)
-    shape = (batch_size, spec["seq_len"])
-    tokens = rng.integers(0, spec["vocab_size"], shape)
-    targets = rng.integers(0, spec["vocab_size"], shape)
-    if framework == "jax":
-        import jax.numpy as jnp
-
-        return (jnp.asarray(tokens, dtype=jnp.int32),), jnp.asarray(targets, dtype=jnp.int32)
-    if framework == "torch":
-        import torch
-
-        def as_long(x):
-            return torch.from_numpy(x.astype(np.int64))
-
-        return (as_long(tokens),), as_long(targets)
-    raise UnknownModelError(f"unknown framework {framework!r}: choose jax or torch")
+    return language.synthetic_batch(SIZES[size], batch_size, framework, seed)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from privbench import experiments
+from privbench import studies
 from privbench.report import pages
 
 
 def write_index(config: dict) -> None:
     entries = []
-    for name in experiments.EXPERIMENTS:
-        module = experiments.get(name)
+    for name in studies.STUDIES:
+        module = studies.plan(name)
         entries.append({"title": module.TITLE, "page": module.PAGE, "enabled": name in config["experiments"]})
     pages.render("index.md.j2", {"entries": entries, "preset": config["preset"]},
                  Path(config["docs_dir"]) / "index.md")

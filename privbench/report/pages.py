@@ -10,7 +10,6 @@ import yaml
 
 from privbench import tee
 from privbench.paths import PUBLISHED_DIR, TEMPLATE_DIR
-from privbench.report import tables
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
@@ -19,8 +18,6 @@ _env = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-_env.filters["fmt"] = tables.fmt
-_env.filters["ratio"] = tables.fmt_ratio
 
 
 def published(name: str) -> dict:
@@ -63,6 +60,12 @@ def system_rows(frame: pd.DataFrame) -> list[tuple[str, str]]:
         ("Libraries", "; ".join(libraries) or "-"),
         ("Kit commit", distinct("sys_git_commit")),
     ]
+
+
+def system_rows_beside(frame: pd.DataFrame, published: dict[str, str],
+                       unstated: str = "not stated") -> list[tuple[str, str, str]]:
+    """:func:`system_rows` with the published page's value of each row beside it (``unstated`` where it names none)."""
+    return [(name, value, published.get(name, unstated)) for name, value in system_rows(frame)]
 
 
 _LIBS = {"jax", "jaxlib", "flax", "optax", "jax_privacy", "torch", "torchvision", "opacus", "flwr", "numpy"}

@@ -43,3 +43,11 @@ def params_label(count: int) -> str:
     else:
         short = str(count)
     return f"{short} ({count:,})"
+
+
+def throughput_cell(row) -> str:
+    """A run's throughput with its step-time spread, or what stopped the run."""
+    if row["status"] != "ok":
+        return STATUS_LABELS[row["status"]]
+    spread = f" ±{100 * row['cv_step']:.0f}%" if not is_missing(row.get("cv_step")) else ""
+    return f"{row['throughput_sps']:.2f}{spread}"

@@ -9,6 +9,8 @@ this Python environment (``local``) or inside the platform's container image
         ``mounts`` are host folders the worker writes (the records folder)
     environment(runner_config) -> dict
         extra environment variables for that command
+    platform_problems(platform) -> list[str]   (optional)
+        why this runner's environment cannot serve ``platform`` (empty: it can)
     stop(command, runner_config) -> None
         called after the harness killed ``command`` (time limit): ends whatever
         outlives the killed process (a container outlives its client)
@@ -36,6 +38,18 @@ def get(runner_config: dict | None):
     if kind not in RUNNERS:
         raise ValueError(f"unknown runner {kind!r}: choose one of {', '.join(RUNNERS)}")
     return importlib.import_module(f"privbench.runners.{kind}")
+
+
+def platform_problems(config: dict) -> list[str]:
+    """Why this machine cannot serve the preset's platform with its runner (empty: it can).
+
+    Checked when the workflow starts and by ``privbench validate``, not when the first run
+    fails. Container runners bring the image's environment (the cuda image has JAX's CUDA
+    plugin), so only the local runner's environment is checked.
+    """
+    runner = get(config.get("runner"))
+    check = getattr(runner, "platform_problems", None)
+    return check(config["platform"]) if check else []
 
 
 def image_for(runner_config: dict, platform: str, default_pattern: str) -> str:

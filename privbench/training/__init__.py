@@ -3,11 +3,11 @@ frameworks, for each training mode.
 
     standard  gradient of the mean loss, AdamW
     clipped   per-example clipped gradients + Gaussian noise, AdamW
-              (jax: jax_privacy.clipped_grad + gaussian_privatizer;
-               torch: Opacus PrivacyEngine.make_private)
-    fast_dp   the same update as clipped (fixed batch), by the kit's own
-              per-layer ghost / per-example norms and book-keeping sums
-              (privbench.dp: fast_jax, fast_torch)
+              (jax: jax-privacy; torch: Opacus)
+    fast_dp   the same update as clipped (fixed batch), by the kit's own engine
+              (privbench.dp)
+
+The DP part of each mode is built by :mod:`privbench.training.dp_methods`.
 
 The harness only sees :func:`make_trainer` and the :class:`Trainer` protocol.
 Implementations are looked up in :data:`REGISTRY` and imported lazily, so a
@@ -23,8 +23,9 @@ from typing import Protocol
 
 from privbench.errors import MissingDependencyError
 from privbench.models import FRAMEWORKS, check_size
+from privbench.training import dp_methods
 
-MODES = ("standard", "clipped", "fast_dp")
+MODES = ("standard", *dp_methods.NAMES)
 
 # The published settings. Any key given in ``settings`` overrides its default;
 # an unknown key is an error, so that a typo cannot silently fall back.
@@ -36,23 +37,32 @@ DEFAULT_SETTINGS = {
     "poisson_sampling": True,  # Opacus only
 }
 
-# (framework, mode) -> "module:factory". Each factory is called with the
-# keyword arguments of make_trainer (after validation, settings completed).
-REGISTRY: dict[tuple[str, str], str] = {
+# (framework, trainer kind) -> "module:factory": "standard", or the kind of
+# trainer that drives a DP method (dp_methods.LIBRARY / ENGINE). Each factory is
+# called with the keyword arguments of make_trainer (after validation, settings
+# completed); a DP trainer asks dp_methods for its mode's builder.
+TRAINERS: dict[tuple[str, str], str] = {
     ("jax", "standard"): "privbench.training.jax_steps:StandardTrainer",
-    ("jax", "clipped"): "privbench.training.jax_steps:ClippedTrainer",
+    ("jax", dp_methods.LIBRARY): "privbench.training.jax_steps:ClippedTrainer",
+    ("jax", dp_methods.ENGINE): "privbench.training.jax_steps:FastDPTrainer",
     ("torch", "standard"): "privbench.training.torch_steps:StandardTrainer",
-    ("torch", "clipped"): "privbench.training.torch_steps:ClippedTrainer",
-    ("jax", "fast_dp"): "privbench.dp.fast_jax:FastDPTrainer",
-    ("torch", "fast_dp"): "privbench.dp.fast_torch:FastDPTrainer",
+    ("torch", dp_methods.LIBRARY): "privbench.training.torch_steps:ClippedTrainer",
+    ("torch", dp_methods.ENGINE): "privbench.training.torch_steps:FastDPTrainer",
+}
+
+# (framework, mode) -> "module:factory", for every mode: standard and each DP method.
+REGISTRY: dict[tuple[str, str], str] = {
+    **{key: path for key, path in TRAINERS.items() if key[1] == "standard"},
+    **{(framework, method): TRAINERS[(framework, entry.trainer)]
+       for (framework, method), entry in dp_methods.REGISTRY.items()},
 }
 
 # Modes that take a microbatch size: how many examples are processed at once,
 # the update still being one per batch (jax: jax-privacy's microbatch_size;
-# torch: the physical batch of Opacus' BatchMemoryManager). Elsewhere a
-# microbatch size is rejected rather than ignored, so that a result is never
-# labelled with a knob that had no effect.
-MICROBATCH_MODES = {("jax", "clipped"), ("torch", "clipped")}
+# torch: the physical batch of Opacus' BatchMemoryManager): those a DP library
+# drives. Elsewhere a microbatch size is rejected rather than ignored, so that
+# a result is never labelled with a knob that had no effect.
+MICROBATCH_MODES = {key for key, entry in dp_methods.REGISTRY.items() if entry.trainer == dp_methods.LIBRARY}
 
 # Import name -> pip name, for the missing-dependency message.
 _PIP_NAMES = {"jax_privacy": "jax-privacy", "jaxlib": "jax"}
@@ -130,6 +140,7 @@ def make_trainer(
         module_name, factory_name = REGISTRY[(framework, mode)].split(":")
         factory = getattr(importlib.import_module(module_name), factory_name)
         return factory(
+            mode=mode,
             model=model,
             size=size,
             batch_size=batch_size,

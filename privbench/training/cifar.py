@@ -9,7 +9,7 @@ one. Methods:
     fast_dp           the same DP-SGD update as opacus (the same model, clip norm,
                       noise multiplier, Poisson-sampled batches and accountant)
                       by the kit's own fast DP-SGD
-                      (privbench.dp.fast_torch.make_private_fast)
+                      (privbench.training.dp_methods.kit_private)
     expanded_weights  DP-SGD with Opacus grad_sample_mode="ew" (torch's expanded
                       weights), BatchNorm -> Identity: the method of the
                       discontinued BastionLab server, measured as its stand-in
@@ -19,6 +19,7 @@ All use Adam and the published learning rate; images stay 32x32 (no resizing).
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from privbench.timing import time_steps
+from privbench.training import dp_methods
 from privbench.training.torch_steps import make_opacus_compatible
 
 METHODS = ("standard", "opacus", "fast_dp", "expanded_weights")
@@ -100,13 +103,11 @@ class LocalTrainer:
                             "param_count": sum(p.numel() for p in self.model.parameters()),
                             "learning_rate": settings["learning_rate"]}
         if method == "fast_dp":
-            self._make_private_fast(loader, optimizer, images, labels, batch_size, seed)
+            self._make_private_kit(loader, optimizer, images, labels, batch_size, seed)
         elif method in DP_METHODS:
-            from opacus import PrivacyEngine
-
             grad_sample_mode = DP_METHODS[method][0]
-            self._module, self._optimizer, self._loader = PrivacyEngine(accountant=settings["accountant"]).make_private(
-                module=self.model, optimizer=optimizer, data_loader=loader, poisson_sampling=True,
+            self._module, self._optimizer, self._loader = dp_methods.opacus_private(
+                self.model, optimizer, loader, poisson_sampling=True, accountant=settings["accountant"],
                 noise_multiplier=settings["noise_multiplier"], max_grad_norm=settings["l2_clip_norm"],
                 grad_sample_mode=grad_sample_mode)
             self.description.update(grad_sample_mode=grad_sample_mode, norm_layers=DP_METHODS[method][1],
@@ -117,18 +118,16 @@ class LocalTrainer:
         self.steps_per_epoch = len(self._loader)
         self._batches = iter(self._loader)
 
-    def _make_private_fast(self, loader, optimizer, images, labels, batch_size: int, seed: int) -> None:
+    def _make_private_kit(self, loader, optimizer, images, labels, batch_size: int, seed: int) -> None:
         """DP-SGD by the kit's fast clipping, sampled and scaled as Opacus'
         make_private does: Poisson-sampled batches (sample rate 1 / batches per
         epoch), the noisy sum divided by the expected batch size."""
         from opacus.data_loader import DPDataLoader
 
-        from privbench.dp.fast_torch import make_private_fast
-
         s = self.settings
         self._module, self._optimizer = self.model, optimizer
         self._loader = DPDataLoader.from_data_loader(loader, generator=torch.Generator().manual_seed(seed))
-        self._fast_dp = make_private_fast(
+        self._fast_dp = dp_methods.kit_private(
             self.model, optimizer, max_grad_norm=s["l2_clip_norm"], noise_multiplier=s["noise_multiplier"],
             expected_batch_size=int(len(labels) * self._loader.sample_rate),
             noise_generator=torch.Generator(self.device).manual_seed(seed))
@@ -136,7 +135,7 @@ class LocalTrainer:
         first = torch.from_numpy(images[:batch_size]).permute(0, 3, 1, 2)
         routes = self._fast_dp.describe(F.cross_entropy, (self._normalise(first),),
                                         torch.from_numpy(labels[:batch_size]).to(self.device))
-        self.description.update(dp_engine="privbench.dp.fast_torch", norm_layers=DP_METHODS["fast_dp"][1],
+        self.description.update(dp_engine="privbench.dp.torch_engine", norm_layers=DP_METHODS["fast_dp"][1],
                                 noise_multiplier=s["noise_multiplier"], l2_clip_norm=s["l2_clip_norm"],
                                 **routes)
 
@@ -197,3 +196,38 @@ def set_device_memory_limit(limit_mb: int) -> dict:
     fraction = min(1.0, limit_mb / total_mb)
     torch.cuda.set_per_process_memory_fraction(fraction)
     return {"gpu_memory_limit_mb": min(limit_mb, total_mb), "gpu_memory_total_mb": total_mb}
+
+
+# --------------------------------------------------------------------------- one party's run
+
+def party_data(cfg: dict, index: int, parts: int):
+    """Images and labels of party ``index`` of ``parts`` (the run config says the data and subset)."""
+    from privbench.data import cifar100
+
+    images, labels = cifar100.load(cfg["data_dir"])
+    share = partition(len(labels), cfg["train_subset"], parts, index, cfg["seed"])
+    return images[share], labels[share]
+
+
+def party_trainer(cfg: dict, device: str, index: int, parts: int, metrics: dict) -> "LocalTrainer":
+    """The trainer of party ``index`` of ``parts`` for a run config; its description goes into ``metrics``."""
+    if device == "cuda":  # the parties share the job's one GPU: together they hold the run's budget
+        metrics.update(set_device_memory_limit(cfg["gpu_memory_limit_mb"] / parts))
+    images, labels = party_data(cfg, index, parts)
+    trainer = LocalTrainer(cfg["method"], images, labels, cfg["batch_size"], cfg["settings"], device,
+                                 cfg["seed"] + index)
+    metrics.update(trainer.description, steps_per_epoch=trainer.steps_per_epoch, **trainer.privacy())
+    return trainer
+
+
+def train_party(trainer, cfg: dict, warmup_steps: int, metrics: dict, progress) -> None:
+    """A full epoch, or ``timed_steps`` steps and the epoch estimated from them."""
+    time_steps(trainer.step, trainer.sync, warmup_steps, 0 if cfg["full_epoch"] else cfg["timed_steps"],
+               metrics, progress)
+    if cfg["full_epoch"]:
+        epoch = trainer.epoch(progress)
+        metrics.update(step_times_s=epoch["step_times_s"], seconds_per_epoch=epoch["epoch_s"],
+                       loss_last=epoch["loss_last"])
+    else:
+        metrics["seconds_per_epoch"] = statistics.fmean(metrics["step_times_s"]) * trainer.steps_per_epoch
+        metrics["estimated"] = True

@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from privbench import models
+from privbench.training import dp_methods
 
 # optax.adamw's own default, recorded in the description because it differs
 # from torch.optim.AdamW's (1e-2); the published code used each default.
@@ -29,33 +30,13 @@ def pure_loss(graphdef, loss_fn):
     return loss
 
 
-def clipped_grad_fn(graphdef, loss_fn, l2_clip_norm, normalize_by, microbatch_size):
-    """jax_privacy's per-example clipped gradient sum, divided by
-    ``normalize_by``, as a function of (params, rest, inputs, targets).
-
-    Each example is clipped on its own (keep_batch_dim=True hands the loss a
-    batch of one); ``microbatch_size`` only sets how many examples are vmapped
-    at once, the microbatches being run sequentially (a memory knob).
-    """
-    import jax_privacy  # optional dependency: only the DP modes need it
-
-    return jax_privacy.clipped_grad(
-        pure_loss(graphdef, loss_fn),
-        argnums=0,
-        batch_argnums=(2, 3),
-        l2_clip_norm=l2_clip_norm,
-        normalize_by=normalize_by,
-        microbatch_size=microbatch_size,
-    )
-
-
 def clipped_grad_sum_jax(
     model_module, loss_fn, inputs, targets, l2_clip_norm, microbatch_size=None
 ):
     """Sum over the batch of per-example gradients clipped to ``l2_clip_norm``,
     before noise, as an nnx.State shaped like the model's parameters."""
     graphdef, params, rest = nnx.split(model_module, nnx.Param, ...)
-    grad_fn = clipped_grad_fn(graphdef, loss_fn, l2_clip_norm, 1.0, microbatch_size)
+    grad_fn = dp_methods.jax_privacy_grad(graphdef, loss_fn, l2_clip_norm, 1.0, microbatch_size)
     # Jitted as in training: un-jitted, the vmap runs op by op and is slow.
     return jax.jit(grad_fn)(params, rest, tuple(inputs), targets)
 
@@ -78,7 +59,8 @@ class _Trainer:
 
     grad_sample_mode = None
 
-    def __init__(self, *, model, size, batch_size, microbatch_size, settings, seed, device):
+    def __init__(self, *, mode, model, size, batch_size, microbatch_size, settings, seed, device):
+        self.mode = mode  # "standard" or a DP method of privbench.training.dp_methods
         family = models.family(model)
         dev = jax_device(device)
         module = models.build("jax", model, size, seed)
@@ -133,8 +115,6 @@ class _Trainer:
 
 
 class StandardTrainer(_Trainer):
-    mode = "standard"
-
     def _grad_fn(self, graphdef, loss_fn, batch_size, microbatch_size, settings):
         return jax.grad(pure_loss(graphdef, loss_fn))
 
@@ -145,11 +125,10 @@ class StandardTrainer(_Trainer):
 class ClippedTrainer(_Trainer):
     """jax_privacy.clipped_grad (normalize_by=B) -> Gaussian noise -> AdamW."""
 
-    mode = "clipped"
     grad_sample_mode = "vmap"
 
     def _grad_fn(self, graphdef, loss_fn, batch_size, microbatch_size, settings):
-        return clipped_grad_fn(
+        return dp_methods.builder("jax", self.mode)(
             graphdef, loss_fn, settings["l2_clip_norm"], batch_size, microbatch_size
         )
 
@@ -168,3 +147,19 @@ class ClippedTrainer(_Trainer):
             "l2_clip_norm": settings["l2_clip_norm"],
             "noise_std_effective": settings["noise_std"],
         }
+
+
+class FastDPTrainer(ClippedTrainer):
+    """Training mode ``fast_dp`` (jax): the clipped mode's update (clipped sum / B,
+    Gaussian noise of std noise_std, AdamW) with the clipped sum from the kit's engine
+    (``privbench.dp.jax_engine``), whose routes go into the description."""
+
+    grad_sample_mode = None
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.description.update(self._grad.describe(self._params, self._rest, *self._batch))
+
+    def _grad_fn(self, graphdef, loss_fn, batch_size, microbatch_size, settings):
+        self._grad = super()._grad_fn(graphdef, loss_fn, batch_size, microbatch_size, settings)
+        return self._grad

@@ -7,14 +7,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from privbench import models
+from privbench.training import dp_methods
 
 # torch.optim.AdamW's own default, recorded in the description because it
 # differs from optax.adamw's (1e-4); the published code used each default.
 WEIGHT_DECAY = 1e-2
-
-# Opacus grad-sample modes that make_private handles with the plain loss
-# ("ghost" also needs its wrapped criterion and is a mode of its own).
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
 
 # The Poisson-sampled data set holds this many batches' worth of examples, so
 # that the sample rate is 1 / POISSON_BATCHES and the expected batch is B.
@@ -37,14 +34,6 @@ def make_opacus_compatible(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def check_grad_sample_mode(grad_sample_mode: str) -> None:
-    if grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ValueError(
-            f"grad_sample_mode {grad_sample_mode!r} is not supported by the clipped "
-            f"mode: choose one of {', '.join(GRAD_SAMPLE_MODES)}"
-        )
-
-
 def clipped_grad_sum_torch(
     module, loss_fn, inputs, targets, max_grad_norm, grad_sample_mode="hooks"
 ) -> list[torch.Tensor]:
@@ -59,7 +48,7 @@ def clipped_grad_sum_torch(
     from opacus.grad_sample import prepare_module
     from opacus.optimizers import DPOptimizer
 
-    check_grad_sample_mode(grad_sample_mode)
+    dp_methods.check_grad_sample_mode(grad_sample_mode)
     params = [p for p in module.parameters() if p.requires_grad]
     wrapped = prepare_module(
         module, grad_sample_mode, batch_first=True, loss_reduction="mean"
@@ -86,7 +75,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 class _Trainer:
-    mode: str
+    mode: str  # "standard" or a DP method of privbench.training.dp_methods
 
     def sync(self, handle) -> None:
         _synchronize(self._device)
@@ -124,9 +113,8 @@ class _Trainer:
 class StandardTrainer(_Trainer):
     """Gradient of the mean loss on one in-memory batch, AdamW."""
 
-    mode = "standard"
-
-    def __init__(self, *, model, size, batch_size, microbatch_size, settings, seed, device):
+    def __init__(self, *, mode, model, size, batch_size, microbatch_size, settings, seed, device):
+        self.mode = mode
         self._build(model, size, batch_size, seed, device)
         self._optimizer = torch.optim.AdamW(
             self._module.parameters(), lr=settings["learning_rate"]
@@ -153,14 +141,11 @@ class ClippedTrainer(_Trainer):
     gradients are summed before the one noisy update of the logical batch.
     """
 
-    mode = "clipped"
-
-    def __init__(self, *, model, size, batch_size, microbatch_size, settings, seed, device):
-        from opacus import PrivacyEngine
+    def __init__(self, *, mode, model, size, batch_size, microbatch_size, settings, seed, device):
+        self.mode = mode
         from opacus.utils.batch_memory_manager import wrap_data_loader
 
         grad_sample_mode = settings["grad_sample_mode"]
-        check_grad_sample_mode(grad_sample_mode)
         family = models.family(model)
         self._device = torch.device(device)
         self._loss = family.loss_torch
@@ -176,14 +161,12 @@ class ClippedTrainer(_Trainer):
             dataset, batch_size=batch_size, generator=torch.Generator().manual_seed(seed)
         )
         clip = settings["l2_clip_norm"]
-        # Opacus adds noise of std noise_multiplier * clip to the clipped sum
-        # and divides by the expected batch B: std noise_std on the mean, as on
-        # the JAX side (published: noise_multiplier 0.1 * B with clip 1).
-        noise_multiplier = settings["noise_std"] * batch_size / clip
-        self._module, self._optimizer, self._loader = PrivacyEngine().make_private(
-            module=module,
-            optimizer=torch.optim.AdamW(module.parameters(), lr=settings["learning_rate"]),
-            data_loader=loader,
+        # std noise_std on the mean clipped gradient, as on the JAX side
+        noise_multiplier = dp_methods.noise_multiplier(settings["noise_std"], batch_size, clip)
+        self._module, self._optimizer, self._loader = dp_methods.builder("torch", self.mode)(
+            module,
+            torch.optim.AdamW(module.parameters(), lr=settings["learning_rate"]),
+            loader,
             noise_multiplier=noise_multiplier,
             max_grad_norm=clip,
             poisson_sampling=settings["poisson_sampling"],
@@ -228,3 +211,29 @@ class ClippedTrainer(_Trainer):
             self._optimizer.step()
             if not self._optimizer._is_last_step_skipped:
                 return loss.detach()
+
+
+class FastDPTrainer(_Trainer):
+    """Training mode ``fast_dp`` (torch): AdamW on one fixed in-memory batch,
+    per-example clipping by the kit's engine, noise of std noise_std on the
+    averaged gradient (as in the clipped mode), its routes in the description."""
+
+    def __init__(self, *, mode, model, size, batch_size, microbatch_size, settings, seed, device):
+        self.mode = mode
+        self._build(model, size, batch_size, seed, device)
+        clip = settings["l2_clip_norm"]
+        noise_multiplier = dp_methods.noise_multiplier(settings["noise_std"], batch_size, clip)
+        self._dp = dp_methods.builder("torch", self.mode)(
+            self._module,
+            torch.optim.AdamW(self._module.parameters(), lr=settings["learning_rate"]),
+            max_grad_norm=clip, noise_multiplier=noise_multiplier, expected_batch_size=batch_size,
+            noise_generator=torch.Generator(self._device).manual_seed(seed))
+        self.description = self._describe(
+            model, size, batch_size, self._module, settings,
+            grad_sample_mode=None, l2_clip_norm=clip,
+            noise_std_effective=noise_multiplier * clip / batch_size,
+            noise_multiplier=noise_multiplier, poisson_sampling=False,
+            **self._dp.describe(self._loss, self._inputs, self._targets))
+
+    def step(self):
+        return self._dp.step(self._loss, self._inputs, self._targets)

@@ -1,21 +1,29 @@
-# Helpers shared by the rule files.
+# Helpers shared by the rule files: each asks the study (privbench.studies) for its
+# curves, outputs and resources.
 
-from privbench import experiments as privbench_experiments
+from privbench import studies as privbench_studies
+from privbench.studies import curves as privbench_curves
 
 localrules: all
 
 
-def curves_of(experiment):
-    """Curve id -> curve description, for one experiment of this preset."""
-    return privbench_experiments.get(experiment).curves(config)
+def curves_of(study):
+    """Curve id -> curve description, for one study of this preset."""
+    return privbench_studies.plan(study).curves(config)
 
 
-def page_outputs(experiment):
-    return privbench_experiments.get(experiment).page_outputs(config)
+def page_outputs(study):
+    return privbench_studies.plan(study).page_outputs(config)
 
 
-def curve_summaries(experiment):
-    return [f"{RESULTS}/curves/{experiment}/{curve}.json" for curve in curves_of(experiment)]
+def curve_summaries(study):
+    return [f"{RESULTS}/curves/{study}/{curve}.json" for curve in curves_of(study)]
+
+
+def data_files(study):
+    """Data the study's runs read (its plan's ``data_files``), made by the data rules."""
+    files = getattr(privbench_studies.plan(study), "data_files", None)
+    return files(config) if files else []
 
 
 def run_threads():
@@ -29,7 +37,3 @@ def run_gpus():
     # A benchmark job on platform cuda asks the scheduler for one GPU
     # (SLURM: --gpus=1); the container runners add their GPU flags.
     return 1 if config["platform"] == "cuda" else 0
-
-
-def curve_json(experiment):
-    return lambda wildcards: json.dumps(curves_of(experiment)[wildcards.curve], sort_keys=True)

@@ -1,0 +1,1 @@
+"""Page "Benchmark Results": JAX vs PyTorch, standard vs DP-SGD, batch sweeps."""

@@ -1,0 +1,139 @@
+"""The kit's JAX DP-SGD engine (privbench.dp.jax_engine) against a naive loop
+over examples: the clipped gradient sum before noise, with clipping active
+(two examples above the clip norm, two below), on every model of the matrix
+and on a small model built to take every route and every fallback, asserting
+the route each layer takes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from naive_dp import BATCH, MODEL_ROUTES, assert_matches, clip_between, naive_clipped_sum
+
+from privbench import models
+
+
+def _jax_flat(tree) -> np.ndarray:
+    import jax
+
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def _check_jax(module, loss_fn, inputs, targets) -> dict:
+    """The engine's clipped sum == the naive one; returns the engine's description."""
+    from flax import nnx
+
+    from privbench.dp.jax_engine import ClippedGradEngine, clipped_grad_sum
+
+    example_grad = nnx.jit(nnx.grad(lambda m, x, y: loss_fn(m(*x), y)))
+    per_example = [
+        _jax_flat(example_grad(module, tuple(x[i : i + 1] for x in inputs), targets[i : i + 1]))
+        for i in range(len(targets))
+    ]
+    clip = clip_between(per_example)
+    actual = _jax_flat(clipped_grad_sum(module, loss_fn, inputs, targets, clip))
+    assert_matches(actual, naive_clipped_sum(per_example, clip))
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    return ClippedGradEngine(graphdef, loss_fn, clip).describe(params, rest, inputs, targets)
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+@pytest.mark.parametrize("model", models.MODELS)
+def test_matches_naive_on_every_model(model, size):
+    family = models.family(model)
+    module = models.build("jax", model, size, seed=0)
+    inputs, targets = family.synthetic_batch(size, BATCH, "jax", seed=1)
+    description = _check_jax(module, family.loss_jax, inputs, targets)
+    assert description["dp_fallback"] == []  # every layer of the matrix has its own rule
+    assert description["dp_methods"] == MODEL_ROUTES[model, size]  # as the torch engine
+    if (model, size) == ("state_space", "small"):  # the long depthwise convolution takes the FFT route
+        assert "blocks.0.conv (Conv): fft" in description["dp_layers"]
+
+
+def _jax_zoo():
+    """A model taking every route of privbench.dp.jax_engine and both fallbacks."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class Temperature(nnx.Module):  # a leaf called with a Python number: whole-model fallback
+        def __init__(self):
+            self.gain = nnx.Param(jnp.ones(3))
+
+        def __call__(self, x, temperature):
+            return x * self.gain / temperature
+
+    class Zoo(nnx.Module):
+        def __init__(self, rngs):
+            self.tokens = nnx.Embed(11, 8, rngs=rngs)
+            self.causal = nnx.Conv(8, 8, (40,), feature_group_count=8, padding="CAUSAL", rngs=rngs)
+            self.grouped = nnx.Conv(8, 8, (3,), feature_group_count=2, rngs=rngs)
+            # a large kernel over few positions: per-example gradients, too large to keep
+            self.deep = nnx.Conv(8, 8, (8,), padding="VALID", rngs=rngs)
+            self.wide = nnx.Conv(4, 32, (3, 3), strides=2, rngs=rngs)  # few positions: gram
+            self.norm = nnx.GroupNorm(8, num_groups=2, rngs=rngs)
+            self.mix = nnx.Einsum("btd,df->btf", (8, 8), (8,), rngs=rngs)  # no rule: vjp
+            self.proj = nnx.Linear(8, 8, rngs=rngs)  # 48 rows: per-example gradients kept
+            self.shared = nnx.Linear(8, 8, rngs=rngs)  # called twice: vjp
+            self.head = nnx.Linear(8 + 8 + 32, 3, rngs=rngs)  # one row: gram
+            self.temperature = Temperature()
+            self.offset = nnx.Param(jnp.zeros(3))  # owned by a non-leaf: whole-model fallback
+
+        def __call__(self, tokens, image):
+            x = self.grouped(jnp.tanh(self.causal(self.tokens(tokens))))
+            deep = self.deep(x[:, :17]).mean(axis=1)
+            x = self.shared(jnp.tanh(self.shared(self.mix(self.proj(self.norm(x))))))
+            wide = self.wide(image).mean(axis=(1, 2))
+            logits = self.head(jnp.concatenate([x.mean(axis=1), deep, wide], axis=1))
+            return self.temperature(logits, 2.0) + self.offset
+
+    return Zoo(nnx.Rngs(0))
+
+
+def test_every_route_and_fallback():
+    import jax
+    import optax
+
+    keys = jax.random.split(jax.random.key(1), 3)
+    tokens = jax.random.randint(keys[0], (BATCH, 48), 0, 11)
+    image = jax.random.normal(keys[1], (BATCH, 4, 4, 4))
+    labels = jax.random.randint(keys[2], (BATCH,), 0, 3)
+
+    def loss_fn(logits, y):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    description = _check_jax(_jax_zoo(), loss_fn, (tokens, image), labels)
+    layers = dict(line.split(": ") for line in description["dp_layers"])
+    assert layers["causal (Conv)"] == "fft"
+    assert layers["wide (Conv)"] == "gram"
+    assert layers["tokens (Embed)"] == "segment"
+    assert layers["norm (GroupNorm)"] == "elementwise"
+    assert layers["mix (Einsum)"] == "vjp"
+    assert layers["shared (Linear)"] == "vjp"
+    assert "offset: whole_model" in description["dp_fallback"]
+    assert {"direct", "kept"} & set(layers.values())
+    assert layers["grouped (Conv)"] == "kept"
+    assert layers["deep (Conv)"] == "direct"
+    assert layers["proj (Linear)"] == "kept"
+    assert layers["head (Linear)"] == "gram"
+    assert "temperature (Temperature): whole_model" in description["dp_fallback"]
+    assert "temperature.gain: whole_model" in description["dp_fallback"]
+    assert description["dp_methods"] == (
+        "direct 1, elementwise 1, fft 1, gram 2, kept 2, segment 1, vjp 2, whole_model 1")
+
+
+def test_engine_divides_by_normalize_by_and_checks_the_clip_norm():
+    import jax
+    from flax import nnx
+
+    from privbench.dp.jax_engine import ClippedGradEngine, clipped_grad_sum
+
+    family = models.family("cnn")
+    module = models.build("jax", "cnn", "tiny", seed=0)
+    inputs, targets = family.synthetic_batch("tiny", BATCH, "jax", seed=1)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    engine = ClippedGradEngine(graphdef, family.loss_jax, 0.5, normalize_by=BATCH)
+    mean = _jax_flat(jax.jit(engine)(params, rest, tuple(inputs), targets))
+    total = _jax_flat(clipped_grad_sum(module, family.loss_jax, inputs, targets, 0.5))
+    np.testing.assert_allclose(mean * BATCH, total, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="must be > 0"):
+        ClippedGradEngine(graphdef, family.loss_jax, 0.0)

@@ -1,0 +1,403 @@
+"""The kit's PyTorch DP engine (privbench.dp.torch_engine) against a naive loop
+over examples: the clipped gradient sum before noise, with clipping active
+(two examples above the clip norm, two below), on every model of the matrix,
+on EfficientNet-B0, and on small models built to take every route (gram,
+direct, kept, fft, segment, elementwise) and every fallback (vjp,
+whole_model, outputs changed in place); plus the phase hooks, the noise and
+the one-backward-pass memory behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from naive_dp import BATCH, MODEL_ROUTES
+from naive_dp import assert_matches as _assert_matches
+from naive_dp import clip_between as _clip_between
+from naive_dp import naive_clipped_sum as _naive_clipped_sum
+from naive_dp import per_example_torch as _per_example
+from privbench import models
+from privbench.dp import cost, torch_engine
+from privbench.training import make_trainer
+
+
+def _flat(tensors) -> np.ndarray:
+    return np.concatenate([t.detach().cpu().numpy().ravel() for t in tensors])
+
+
+def _check(module, loss_fn, inputs, targets) -> dict:
+    """The engine's clipped sum == the naive one, both by clipped_grad_sum (which
+    leaves .grad alone) and by a DPOptimizer's clipped_backward (into .grad);
+    returns the engine's description."""
+    per_example = _per_example(module, loss_fn, inputs, targets)
+    clip = _clip_between(per_example)
+    expected = _naive_clipped_sum(per_example, clip)
+    params = [p for p in module.parameters() if p.requires_grad]
+    sums = torch_engine.clipped_grad_sum(module, loss_fn, inputs, targets, clip)
+    _assert_matches(_flat(sums), expected)
+    assert all(p.grad is None for p in params), "clipped_grad_sum must not touch .grad"
+    dp = torch_engine.make_private(module, torch.optim.SGD(params, lr=0.0), max_grad_norm=clip, noise_multiplier=0.0)
+    try:
+        description = dp.describe(loss_fn, inputs, targets)
+        dp.clipped_backward(dp.forward(loss_fn, inputs, targets))
+        _assert_matches(_flat(p.grad for p in params), expected)
+        assert not any(dp.kept().values()), "the clipped sum frees what was kept"
+    finally:
+        dp.remove()
+    module.zero_grad(set_to_none=True)
+    return description
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+@pytest.mark.parametrize("model", models.MODELS)
+def test_engine_matches_naive(model, size):
+    family = models.family(model)
+    module = models.build("torch", model, size, seed=0)
+    inputs, targets = family.synthetic_batch(size, BATCH, "torch", seed=1)
+    description = _check(module, family.loss_torch, inputs, targets)
+    assert description["dp_fallback"] == []  # every layer of the matrix has its own rule
+    assert description["dp_methods"] == MODEL_ROUTES[model, size]
+
+
+def test_engine_matches_naive_on_efficientnet_b0():
+    from privbench.training.cifar import build_model
+
+    module = build_model("opacus", seed=0)  # GroupNorm, SiLU out of place
+    # Dropout and stochastic depth off, so that the naive loop sees the same
+    # network; the residual `result += input` then changes a GroupNorm output in place.
+    module.eval()
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(BATCH, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 100, (BATCH,), generator=generator)
+    description = _check(module, F.cross_entropy, (images,), labels)
+    methods = " ".join(description["dp_layers"])
+    assert description["dp_fallback"] == []
+    assert all(f": {m}" in methods for m in ("gram", "direct", "kept", "elementwise"))
+    assert description["dp_copied"]
+
+
+def _torch_zoo():
+    """A model taking every route of the engine and both fallbacks."""
+
+    class Scale(nn.Module):  # a leaf without a rule: per-example vjp
+        def __init__(self, n):
+            super().__init__()
+            self.gain = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+        def forward(self, x):
+            return x * self.gain
+
+    class Zoo(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens = nn.Embedding(11, 6, padding_idx=0)
+            self.seq = nn.Conv1d(6, 8, 3, padding="same", groups=2)  # grouped, string padding
+            self.reflect = nn.Conv1d(8, 8, 3, padding=1, padding_mode="reflect")
+            self.depthwise = nn.Conv1d(8, 16, 5, padding=2, groups=8)  # channel multiplier 2
+            self.long = nn.Conv1d(16, 16, cost.FFT_MIN_KERNEL + 1, padding=16, groups=16)  # long depthwise: FFT
+            self.wide = nn.Conv2d(4, 32, 3, padding=1, stride=2)  # few positions, many channels: gram
+            self.volume = nn.Conv3d(1, 2, 2)
+            self.norm = nn.GroupNorm(2, 16)
+            self.layer_norm = nn.LayerNorm(16)
+            self.scale = Scale(16)
+            self.relu = nn.ReLU(inplace=True)  # changes layer_norm's output in place
+            self.shared = nn.Linear(16, 16)  # called twice: per-example vjp
+            self.head = nn.Linear(16 + 32 + 2, 3)
+            self.offset = nn.Parameter(torch.zeros(3))  # owned by a non-leaf: whole-model fallback
+
+        def forward(self, tokens, image):
+            x = self.tokens(tokens).transpose(1, 2)  # (B, 6, T)
+            x = self.long(self.depthwise(torch.tanh(self.reflect(self.seq(x)))))
+            x = self.norm(x).transpose(1, 2)  # (B, T, 16)
+            x = self.shared(torch.tanh(self.shared(self.scale(self.relu(self.layer_norm(x))))))
+            wide = self.wide(image)
+            wide += 1.0  # in place on a layer output, as a residual `out += x`
+            wide = wide.mean(dim=(2, 3))
+            volume = self.volume(image.unsqueeze(1)).mean(dim=(2, 3, 4))
+            return self.head(torch.cat([x.mean(dim=1), wide, volume], dim=1)) + self.offset
+
+    torch.manual_seed(0)
+    return Zoo()
+
+
+def _zoo_batch():
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 11, (BATCH, 7), generator=generator)
+    tokens[0, :3] = 0  # padding positions get no gradient
+    image = torch.randn(BATCH, 4, 4, 4, generator=generator)
+    labels = torch.randint(0, 3, (BATCH,), generator=generator)
+    return (tokens, image), labels
+
+
+def test_engine_every_route_and_fallback():
+    inputs, labels = _zoo_batch()
+    description = _check(_torch_zoo(), F.cross_entropy, inputs, labels)
+    layers = dict(line.split(": ") for line in description["dp_layers"])
+    assert layers["wide (Conv2d)"] == "gram"
+    assert layers["tokens (Embedding)"] == "segment"
+    assert layers["long (Conv1d)"] == "fft"
+    assert layers["norm (GroupNorm)"] == layers["layer_norm (LayerNorm)"] == "elementwise"
+    assert layers["scale (Scale)"] == "vjp"
+    assert layers["shared (Linear)"] == "vjp"
+    assert "offset: whole_model" in description["dp_fallback"]
+    assert {"direct", "kept"} <= set(layers.values())
+    assert sorted(description["dp_copied"]) == ["layer_norm", "wide"]
+
+
+def test_fft_route_equals_the_direct_per_example_gradient():
+    """The FFT cross-correlation of a long depthwise 1-D kernel, with padding and
+    an odd length, against the per-example gradients of the folded convolution."""
+    from privbench.dp.torch_rules import RULES
+
+    torch.manual_seed(0)
+    conv = nn.Conv1d(5, 5, 40, padding=7, groups=5)
+    x = torch.randn(3, 5, 61)
+    g = torch.randn_like(conv(x))
+    rule = RULES[nn.Conv1d]
+    fft = rule.route(conv, x, g.shape)
+    assert fft == cost.Route(cost.FFT, keep=True)
+    by_fft = rule.norms(conv, x, g, fft).per_example["weight"]
+    by_conv = rule.norms(conv, x, g, cost.Route(cost.DIRECT, keep=True)).per_example["weight"]
+    torch.testing.assert_close(by_fft, by_conv, rtol=1e-4, atol=1e-4)
+
+
+def test_output_view_changed_in_place_needs_no_copy():
+    """A Linear on (B, T, d) returns a view; ReLU(inplace) on it: the gradient is
+    taken at the layer's own autograd node, the layer keeps its rule."""
+
+    class ViewInPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu_(self.proj(x)).mean(dim=1))
+
+    torch.manual_seed(0)
+    x, labels = torch.randn(BATCH, 5, 6), torch.randint(0, 3, (BATCH,))
+    description = _check(ViewInPlace(), F.cross_entropy, (x,), labels)
+    assert description["dp_copied"] == ["proj"]
+    assert description["dp_fallback"] == []
+
+
+def test_engine_refuses_inputs_changed_in_place():
+    class Overwrite(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = x * 2
+            y = self.linear(h)
+            h.zero_()  # the ordinary backward pass would fail on this too
+            return y
+
+    with pytest.raises(RuntimeError, match="inputs of layer 'linear' changed in place"):
+        torch_engine.clipped_grad_sum(Overwrite(), nn.functional.mse_loss, (torch.randn(BATCH, 3),),
+                                      torch.randn(BATCH, 2), 1.0)
+
+
+def test_route_keeps_per_example_gradients_only_where_they_fit():
+    """Linear(256, 1024): per-example gradients fit from T = 205 rows on (d * p <= T * (d + p)),
+    and are kept where the direct form is also the cheaper one (T = 300; at T = 128 the tiled Gram)."""
+    dp = torch_engine.make_private(nn.Sequential(nn.Linear(256, 1024), nn.LayerNorm(1024)),
+                                   torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0),
+                                   max_grad_norm=1.0, noise_multiplier=0.0)
+    for rows, expected in [(300, "kept"), (128, "gram")]:
+        description = dp.describe(lambda out, _: out.sum(), (torch.zeros(2, rows, 256),), torch.zeros(2))
+        assert description["dp_layers"] == [f"0 (Linear): {expected}", "1 (LayerNorm): elementwise"]
+
+
+class _Recorder(torch_engine.PhaseObserver):
+    def __init__(self, dp_ref):
+        self.events, self.dp_ref = [], dp_ref
+
+    def forward_done(self, loss):
+        self.events.append(("forward_done", float(loss.detach())))
+
+    def layer_norms(self, name, module, route_label):
+        import contextlib
+
+        @contextlib.contextmanager
+        def section():
+            self.events.append(("enter", name, route_label))
+            yield
+            self.events.append(("exit", name))
+
+        return section()
+
+    def norms_done(self):
+        kept = self.dp_ref[0].kept()
+        self.events.append(("norms_done", {kind: len(tensors) for kind, tensors in kept.items()}))
+
+    def clipped_sum_done(self):
+        self.events.append(("clipped_sum_done",))
+
+
+def test_phase_hooks_fire_in_order_and_kept_lists_what_is_held():
+    inputs, labels = _zoo_batch()
+    module = _torch_zoo()
+    holder = []
+    observer = _Recorder(holder)
+    dp = torch_engine.make_private(module, torch.optim.SGD(module.parameters(), lr=0.0), max_grad_norm=1.0,
+                                   noise_multiplier=0.0, observer=observer)
+    holder.append(dp)
+    dp.step(F.cross_entropy, inputs, labels)
+    kinds = [event[0] for event in observer.events]
+    assert kinds[0] == "forward_done" and kinds[-2:] == ["norms_done", "clipped_sum_done"]
+    sections = [event for event in observer.events if event[0] == "enter"]
+    # one section per layer: the layers with a rule as autograd reaches them
+    # (head first, tokens last), then the vjp layers and the whole model
+    names = [event[1] for event in sections]
+    assert names[0] == "head" and names[-1] == "whole_model"
+    assert names.index("tokens") < names.index("scale")
+    assert sorted(names) == sorted([*(n for n, m in module.named_modules() if n and n != "relu"), "whole_model"])
+    assert kinds.count("enter") == kinds.count("exit")
+    assert dict(sections_label[1:] for sections_label in sections)["long"] == "fft"
+    held = observer.events[-2][1]
+    assert held["per_example"] and held["inputs"] and held["output_grads"]  # kept routes and book-keeping ones
+    assert not any(dp.kept().values())
+
+
+def test_step_adds_noise_of_std_noise_multiplier_times_clip_over_batch():
+    module = models.build("torch", "cnn", "tiny", seed=0)
+    family = models.family("cnn")
+    inputs, targets = family.synthetic_batch("tiny", BATCH, "torch", seed=1)
+    params = list(module.parameters())
+    expected = _flat(torch_engine.clipped_grad_sum(module, family.loss_torch, inputs, targets, 1e-6))
+    before = [p.detach().clone() for p in params]
+    dp = torch_engine.make_private(module, torch.optim.SGD(params, lr=1.0), max_grad_norm=1e-6,
+                                   noise_multiplier=0.5e6, noise_generator=torch.Generator().manual_seed(0))
+    loss = dp.step(family.loss_torch, inputs, targets)
+    assert loss.requires_grad is False and torch.isfinite(loss)
+    update = _flat(b - p for b, p in zip(before, params))  # lr 1: the step is the gradient
+    assert update.std() == pytest.approx(0.5 / BATCH, rel=0.1)
+    assert np.abs(expected).max() <= 1e-6 * BATCH
+
+
+def test_trainer_noise_std_on_mean_gradient():
+    """With a negligible clip norm the gradient handed to AdamW is pure noise
+    of std noise_std, as in the clipped mode."""
+    trainer = make_trainer("torch", "cnn", "tiny", "fast_dp", batch_size=8,
+                           settings={"l2_clip_norm": 1e-6})
+    trainer.step()
+    noisy = _flat(p.grad for p in trainer._module.parameters())
+    assert noisy.std() == pytest.approx(0.1, rel=0.1)
+
+
+def test_empty_batch_is_a_noise_only_update():
+    """Poisson sampling can draw an empty batch: the update is the noise alone
+    over the expected batch size, as in Opacus."""
+    module = models.build("torch", "cnn", "tiny", seed=0)
+    params = list(module.parameters())
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    dp = torch_engine.make_private(module, optimizer, max_grad_norm=2.0, noise_multiplier=0.5,
+                                   expected_batch_size=4, noise_generator=torch.Generator().manual_seed(0))
+    inputs, targets = models.family("cnn").synthetic_batch("tiny", BATCH, "torch", seed=1)
+    loss = dp.step(models.family("cnn").loss_torch, tuple(x[:0] for x in inputs), targets[:0])
+    assert torch.isnan(loss)
+    noise = _flat(b - p for b, p in zip(before, params))  # lr 1: the step is the gradient
+    assert noise.std() == pytest.approx(0.5 * 2.0 / 4, rel=0.1)
+    assert abs(noise.mean()) < 0.05
+
+
+class _SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, groups=2)
+        self.norm = nn.GroupNorm(2, 6)
+        self.fc = nn.Linear(6 * 3 * 3, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(self.norm(x).flatten(1))
+
+
+def _transformer_case(seq_len=None):
+    family = models.family("transformer")
+    if seq_len is None:  # the tiny size: 8 tokens, too few for per-example linear gradients to fit
+        (tokens,), targets = family.synthetic_batch("tiny", 5, "torch", 0)
+        return models.build("torch", "transformer", "tiny", 0), family.loss_torch, tokens, targets
+    torch.manual_seed(0)
+    spec = {**family.SIZES["tiny"], "seq_len": seq_len}
+    tokens, targets = (torch.randint(0, spec["vocab_size"], (4, seq_len)) for _ in range(2))
+    from privbench.models.transformer import torch_class  # the same model class at another length
+
+    return torch_class()(**spec), family.loss_torch, tokens, targets
+
+
+def _cnn_case():
+    torch.manual_seed(0)
+    return _SmallCNN(), nn.functional.cross_entropy, torch.randn(6, 3, 8, 8), torch.randint(0, 4, (6,))
+
+
+CASES = {"transformer": _transformer_case, "transformer-long": lambda: _transformer_case(seq_len=64),
+         "cnn": _cnn_case}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_steps_with_every_example_clipped_equal_per_example_loop(case):
+    """clip 0.05 below every example's norm; two steps on one engine give the same sums."""
+    model, loss_fn, inputs, targets = case()
+    clip = 0.05
+    expected = _naive_clipped_sum(_per_example(model, loss_fn, (inputs,), targets), clip)
+    dp = torch_engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), max_grad_norm=clip,
+                                   noise_multiplier=0.0)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        dp.clipped_backward(dp.forward(loss_fn, (inputs,), targets))
+        assert not any(dp.kept().values())
+        _assert_matches(_flat(p.grad for p in model.parameters()), expected)
+    routes = {line.rsplit(": ", 1)[1] for line in dp.describe(loss_fn, (inputs,), targets)["dp_layers"]
+              if "(Linear)" in line or "(Conv2d)" in line}
+    if case is not _transformer_case:  # long enough sequences / small enough layers: the kept route is taken
+        assert "kept" in routes
+
+
+def test_backward_pass_forms_no_weight_gradient_beyond_the_first_layers():
+    """Autograd is asked only for the parameters of the layers that read the data."""
+    module = models.build("torch", "transformer", "tiny", seed=0)
+    family = models.family("transformer")
+    inputs, targets = family.synthetic_batch("tiny", BATCH, "torch", seed=1)
+    asked = []
+    grad = torch.autograd.grad
+
+    def spy(outputs, inputs, **kwargs):
+        asked.extend(inputs)
+        return grad(outputs, inputs, **kwargs)
+
+    torch.autograd.grad = spy
+    try:
+        torch_engine.clipped_grad_sum(module, family.loss_torch, inputs, targets, 1.0)
+    finally:
+        torch.autograd.grad = grad
+    names = {name for name, p in module.named_parameters() if any(p is q for q in asked)}
+    assert names == {"tokens.weight", "positions.weight"}
+
+
+def test_layer_returning_a_tuple_is_refused():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.weight, x
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair = Pair()
+
+        def forward(self, x):
+            return self.pair(x)[0]
+
+    with pytest.raises(NotImplementedError, match="layer 'pair' returns no single tensor"):
+        torch_engine.clipped_grad_sum(Model(), nn.functional.mse_loss, (torch.randn(BATCH, 3),),
+                                      torch.randn(BATCH, 3), 1.0)
