@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from privbench import config, models  # noqa: E402
+from privbench import models, studies  # noqa: E402
 from privbench.dp import opacus_norms, torch_engine  # noqa: E402
 from privbench.profiling import StepMeter, held_bytes  # noqa: E402
 
@@ -115,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    section = config.load(REPO / args.configfile)["memory_profile"]
+    section = studies.load(REPO / args.configfile)["memory_profile"]
     size, batch = section["size"], section["batch_size"]
     methods = args.methods.split(",")
     print(f"{MODEL} {size}, batch {batch}, {torch.get_num_threads()} threads, {args.rounds} rounds")

@@ -46,11 +46,11 @@ def snakemake(out: Path | None, configfile: str, overrides: list[str], *extra: s
 def repeated_runs(out: Path, repeats: int = 2) -> list[float]:
     """The same configuration (JAX CNN small, standard, batch 32, 30 steps), run twice."""
     sys.path.insert(0, str(REPO))
-    from privbench import config, harness
+    from privbench import harness, studies
     from privbench.studies.curves import make_run_spec
     from privbench.studies.throughput import plan as throughput
 
-    cfg = config.load(REPO / "config" / "config.yaml")
+    cfg = studies.load(REPO / "config" / "config.yaml")
     curve = throughput.curves(cfg)["jax-cnn-small-standard"]
     curve["run"]["timed_steps"] = 30
     values = []
@@ -80,9 +80,9 @@ def main() -> None:
     second = snakemake(out, args.configfile, args.config, "all")
     print(f"second run, nothing changed: {second:.1f} s (target < 10 s) ratio {second / 10:.2f} of target")
     sys.path.insert(0, str(REPO))
-    from privbench import config
+    from privbench import studies
 
-    pages = [f"{name}_page" for name in config.load(REPO / args.configfile)["experiments"]]
+    pages = [f"{name}_page" for name in studies.load(REPO / args.configfile)["experiments"]]
     rebuild = snakemake(out, args.configfile, args.config, "all", "--forcerun", *pages, "docs_index")
     print(f"rebuild pages and charts from records: {rebuild:.1f} s (target < 30 s) ratio {rebuild / 30:.2f} of target")
 

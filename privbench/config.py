@@ -3,7 +3,8 @@
 One validator serves both the Snakefile and the command line, so a bad key
 is reported the same way everywhere: with its dotted path, before any job
 runs. Schemas are package data in ``privbench/schemas/`` (one file per config
-section, joined with ``$ref``); defaults written in the schemas are filled in.
+section, joined with ``$ref``), plus one per study section, handed in by
+:func:`privbench.studies.validate`; defaults written in the schemas are filled in.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ class ConfigError(ValueError):
     """An invalid preset; the message names the offending key."""
 
 
-def _schema_registry(schema_dir: Traversable) -> Registry:
-    resources = []
-    for path in sorted((p for p in schema_dir.iterdir() if ".schema." in p.name), key=lambda p: p.name):
-        contents = yaml.safe_load(path.read_text())
-        resources.append((path.name, Resource.from_contents(contents, default_specification=DRAFT202012)))
-    return Registry().with_resources(resources)
+def _schema_registry(schema_dir: Traversable, extra: dict[str, dict]) -> Registry:
+    """Every schema by its file name: those of ``schema_dir`` and ``extra`` (name -> contents)."""
+    schemas = {path.name: yaml.safe_load(path.read_text())
+               for path in schema_dir.iterdir() if ".schema." in path.name}
+    schemas.update(extra)
+    return Registry().with_resources(
+        (name, Resource.from_contents(contents, default_specification=DRAFT202012))
+        for name, contents in sorted(schemas.items()))
 
 
 def load_schema(name: str, schema_dir: Traversable = SCHEMA_DIR) -> dict:
@@ -72,21 +75,34 @@ def _describe(error) -> str:
 
 def validate(config: dict, schema_name: str = "config.schema.yaml",
              schema_dir: Traversable = SCHEMA_DIR, source: str = "config",
+             sections: dict[str, dict] | None = None,
              extra_checks: Callable[[dict], list[str]] | None = None) -> dict:
     """Validate ``config`` in place (filling defaults) and return it.
 
-    ``extra_checks`` returns further problems of the filled-in config (the studies'
-    own rules, :func:`privbench.studies.validate`). Raises ConfigError listing every
+    ``sections`` (experiment name -> the schema of its section) are the
+    experiments a preset may list, and ``extra_checks`` returns further problems
+    of the filled-in config: both come from the studies
+    (:func:`privbench.studies.validate`). Raises ConfigError listing every
     problem, each with its dotted key path.
     """
-    schema = load_schema(schema_name, schema_dir)
-    validator = _DefaultingValidator(schema, registry=_schema_registry(schema_dir))
+    sections = sections or {}
+    schema = copy.deepcopy(load_schema(schema_name, schema_dir))
+    if schema_name == "config.schema.yaml":
+        schema["properties"]["experiments"]["items"] = {"enum": list(sections)}
+        schema["properties"].update({name: {"$ref": _section_id(name)} for name in sections})
+    registry = _schema_registry(schema_dir, {_section_id(name): {"$id": _section_id(name), **section}
+                                             for name, section in sections.items()})
+    validator = _DefaultingValidator(schema, registry=registry)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         lines = "\n".join(f"  - {_describe(e)}" for e in errors)
         raise ConfigError(f"{source} is invalid:\n{lines}")
     _check_cross_field_rules(config, source, extra_checks)
     return config
+
+
+def _section_id(experiment: str) -> str:
+    return f"{experiment}.schema.yaml"
 
 
 def _check_cross_field_rules(config: dict, source: str, extra_checks) -> None:
@@ -130,8 +146,4 @@ def read(path: str | Path) -> dict:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
 
 
-def load(path: str | Path) -> dict:
-    """Read and validate a preset file (the schemas only; :func:`privbench.studies.load`
-    adds the studies' own checks)."""
-    return validate(read(path), source=str(path))
 

@@ -18,9 +18,9 @@ def repo_root() -> Path:
 
 @pytest.fixture
 def tiny_config():
-    from privbench import config
+    from privbench import studies
 
-    return config.load(REPO_ROOT / "config" / "tiny.yaml")
+    return studies.load(REPO_ROOT / "config" / "tiny.yaml")
 
 
 def run_workflow(out_dir: Path, *extra: str, configfile: str = "config/tiny.yaml", check: bool = True,

@@ -7,9 +7,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from privbench import config, records
+from privbench import config, records, studies
 from privbench.studies.curves import make_run_spec
-from privbench.studies import validate as validate_with_studies
 from privbench.studies.cnn_microbatch import plan as cnn_microbatch, report as cnn_report
 from privbench.memory import PROCESS_PEAK
 from privbench.training import make_trainer
@@ -70,15 +69,15 @@ def test_invalid_section_is_rejected_naming_the_key(repo_root, mutate, expected)
     raw = _raw(repo_root)
     mutate(raw["cnn_microbatch"])
     with pytest.raises(config.ConfigError) as info:
-        validate_with_studies(raw)
+        studies.validate(raw)
     assert expected in str(info.value)
 
 
 def test_fast_dp_is_one_run_per_case_and_framework_and_can_be_turned_off(repo_root):
     raw = _raw(repo_root)
-    with_fast = cnn_microbatch.curves(config.validate(copy.deepcopy(raw)))
+    with_fast = cnn_microbatch.curves(studies.validate(copy.deepcopy(raw)))
     raw["cnn_microbatch"]["fast_dp"] = False
-    without = cnn_microbatch.curves(config.validate(raw))
+    without = cnn_microbatch.curves(studies.validate(raw))
     added = sorted(set(with_fast) - set(without))
     assert added == ["jax-cnn-tiny-b4-fast_dp", "torch-cnn-tiny-b4-fast_dp"]
     for curve_id in added:

@@ -5,21 +5,21 @@ import copy
 import pytest
 import yaml
 
-from privbench import config
+from privbench import config, studies
 from privbench.studies.curves import make_run_spec
 from privbench.studies.throughput import plan as throughput
 
 
 @pytest.mark.parametrize("preset", ["config.yaml", "tiny.yaml", "full.yaml"])
 def test_presets_are_valid_and_defaults_filled(repo_root, preset):
-    cfg = config.load(repo_root / "config" / preset)
+    cfg = studies.load(repo_root / "config" / preset)
     assert cfg["results_dir"] == "results"
     assert cfg["throughput"]["settings"]["l2_clip_norm"] == 1.0
     assert cfg["run"]["seed"] == 0
 
 
 def test_full_preset_is_the_published_setting(repo_root):
-    cfg = config.load(repo_root / "config" / "full.yaml")
+    cfg = studies.load(repo_root / "config" / "full.yaml")
     section = cfg["throughput"]
     assert section["timed_steps"] == 50 and section["warmup_steps"] == 1
     assert section["sizes"] == ["small", "medium", "large"]
@@ -46,7 +46,7 @@ def test_invalid_config_names_the_key(repo_root, mutate, expected):
     raw = _raw(repo_root)
     mutate(raw)
     with pytest.raises(config.ConfigError) as info:
-        config.validate(raw)
+        studies.validate(raw)
     assert expected in str(info.value)
 
 
@@ -86,3 +86,21 @@ def test_modes_and_trainers_come_from_the_dp_method_registry():
     for (framework, method), entry in dp_methods.REGISTRY.items():
         assert training.REGISTRY[(framework, method)] == training.TRAINERS[(framework, entry.trainer)]
         assert ((framework, method) in training.MICROBATCH_MODES) == (entry.trainer == dp_methods.LIBRARY)
+
+
+def test_studies_are_the_folders_with_a_schema_and_name_the_experiments(repo_root):
+    # Adding a page is one folder (plan, measure, report, schema.yaml) and its template:
+    # the folder is found and its schema validates its section of a preset.
+    from privbench import studies
+
+    assert studies.STUDIES == ("cnn_microbatch", "memory_profile", "throughput", "torch_cifar")
+    raw = _raw(repo_root)
+    raw["experiments"] = ["throughput", "resnet_page"]
+    with pytest.raises(config.ConfigError) as info:
+        studies.validate(raw)
+    assert "'experiments.1'" in str(info.value)
+    raw = _raw(repo_root)
+    raw["memory_profile"]["methods"] = ["vanilla", "flash"]  # the study's own schema applies
+    with pytest.raises(config.ConfigError) as info:
+        studies.validate(raw)
+    assert "'memory_profile.methods.1'" in str(info.value)

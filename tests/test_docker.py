@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from infrastructure import processes_using, sweep_single_run
-from privbench import __version__, config, system
+from privbench import __version__, studies, system
 from privbench.studies.throughput import plan as throughput
 
 pytestmark = pytest.mark.cluster
@@ -120,7 +120,7 @@ def cpu_image(docker, tmp_path_factory) -> str:
 
 
 def _preset(docker, timeout_s: float = 300) -> dict:
-    return config.validate({
+    return studies.validate({
         "preset": "tiny", "experiments": ["throughput"], "platform": "cpu",
         "run": {"memory_budget_mb": 2048, "timeout_s": timeout_s},
         "runner": {"kind": "docker", "images": {"cpu": IMAGE}, "command": docker},

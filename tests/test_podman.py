@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from infrastructure import sweep_single_run
-from privbench import __version__, config, harness, system
+from privbench import __version__, harness, studies, system
 from privbench.studies.curves import make_run_spec
 from privbench.studies.throughput import plan as throughput
 
@@ -88,7 +88,7 @@ def _runner_config() -> dict:
 
 
 def _preset(timeout_s: float = 300) -> dict:
-    return config.validate({
+    return studies.validate({
         "preset": "tiny", "experiments": ["throughput"], "platform": "cpu",
         "run": {"memory_budget_mb": 2048, "timeout_s": timeout_s}, "runner": _runner_config(),
         "throughput": {"frameworks": ["jax"], "models": ["cnn"], "sizes": ["tiny"], "modes": ["standard"],

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from privbench import __version__, config, runners
+from privbench import __version__, config, runners, studies
 from privbench.errors import MissingDependencyError
 from privbench.runners import _oci, apptainer
 
@@ -114,7 +114,7 @@ def test_runner_config_is_validated(tiny_config):
     assert tiny_config["runner"] == {"kind": "local", "extra_flags": [], "attestation": "required"}
     bad = {**tiny_config, "runner": {"kind": "singularity", "image": "x"}}
     with pytest.raises(config.ConfigError) as error:
-        config.validate(bad)
+        studies.validate(bad)
     assert "unknown key 'image' under 'runner'" in str(error.value)
     assert "'runner.kind': 'singularity' is not one of" in str(error.value)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from privbench import aggregate, config, harness, records, tee
+from privbench import aggregate, harness, records, studies, tee
 from privbench.studies.curves import make_run_spec
 from privbench.studies.throughput import plan as throughput
 from privbench.report import pages
@@ -150,7 +150,7 @@ TEE_HERE = (tee.CONFIGFS_ROOT / "tsm" / "report").is_dir() or tee.SEV_GUEST_DEVI
 @pytest.mark.skipif(TEE_HERE, reason="this machine is a confidential VM: the no-TEE behaviour cannot be shown")
 def test_cvm_runs_without_a_tee_fail_unless_unattested_is_allowed(tmp_path):
     """The real worker on this machine (no TEE): an error record, or an unattested result."""
-    cfg = config.validate({
+    cfg = studies.validate({
         "preset": "tiny", "experiments": ["throughput"], "platform": "cvm",
         "run": {"memory_budget_mb": 2048, "timeout_s": 120},
         "throughput": {"frameworks": ["jax"], "models": ["cnn"], "sizes": ["tiny"], "modes": ["standard"],

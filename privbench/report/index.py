@@ -13,5 +13,6 @@ def write_index(config: dict) -> None:
     for name in studies.STUDIES:
         module = studies.plan(name)
         entries.append({"title": module.TITLE, "page": module.PAGE, "enabled": name in config["experiments"]})
+    entries.sort(key=lambda entry: entry["title"].lower())
     pages.render("index.md.j2", {"entries": entries, "preset": config["preset"]},
                  Path(config["docs_dir"]) / "index.md")

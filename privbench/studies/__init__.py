@@ -7,23 +7,30 @@
                         progress); imports no pandas, matplotlib or jinja2
     <study>/report.py   report(config, table_path): the facts (numbers, comparisons,
                         verdicts) from the tidy table, then charts and the page
+    <study>/schema.yaml the schema of its section of a preset (the section is named after the folder)
     report/templates/<PAGE>.j2   the page's wording
 
 Shared helpers live in :mod:`privbench.studies.curves` (plan side: curves, run specs,
-resources) and :mod:`privbench.studies.devices` (worker side), never in a sibling study.
-Adding a page = one folder here, its schema section and its template; the rule set in
-``workflow/rules/studies.smk`` serves every study.
+resources) and :mod:`privbench.studies.measuring` (worker side), never in a sibling study.
+Adding a page = one folder here and its template: the folder is found, its schema joins the
+presets' validation and the rule set in ``workflow/rules/studies.smk`` serves it.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from importlib.resources import files
 from pathlib import Path
 from types import ModuleType
 
+import yaml
+
 from privbench import config as config_mod
 
-STUDIES = ("throughput", "cnn_microbatch", "memory_profile", "torch_cifar")
+# Every folder of this package with a schema is a study (shared modules are files).
+STUDIES = tuple(sorted(module.name for module in pkgutil.iter_modules(__path__)
+                       if module.ispkg and (files(__name__) / module.name / "schema.yaml").is_file()))
 STAGES = ("plan", "measure", "report")
 
 
@@ -58,9 +65,14 @@ def config_problems(config: dict) -> list[str]:
     return problems
 
 
+def section_schemas() -> dict[str, dict]:
+    """Study name -> the schema of its section of a preset."""
+    return {name: yaml.safe_load((files(__name__) / name / "schema.yaml").read_text()) for name in STUDIES}
+
+
 def validate(config: dict, source: str = "config") -> dict:
-    """:func:`privbench.config.validate` plus every study's own checks."""
-    return config_mod.validate(config, source=source, extra_checks=config_problems)
+    """:func:`privbench.config.validate` with every study's section schema and own checks."""
+    return config_mod.validate(config, source=source, sections=section_schemas(), extra_checks=config_problems)
 
 
 def load(path: str | Path) -> dict:
