@@ -121,7 +121,7 @@ def peak_memory(workload, framework, mode, size, batch, steps, threads) -> float
     _limit_threads(threads)
     from privbench.memory import peak_rss_mb, reset_peak_rss
 
-    __import__(f"privbench.dp.fast_{framework}")
+    __import__(f"privbench.dp.{framework}_engine")
     if framework == "jax":
         __import__("jax_privacy")
     trainer = build_trainer(workload, framework, mode, size, batch)

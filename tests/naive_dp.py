@@ -45,8 +45,9 @@ def per_example_torch(module, loss_fn, inputs, targets) -> list[np.ndarray]:
     return grads
 
 
-# The routes each model of the matrix takes in both engines (one shared cost
-# model, privbench.dp.cost), as counted by their describe()'s "dp_methods".
+# The routes each model of the matrix takes in the JAX engine, and in the torch
+# engine but where noted (one shared cost model, privbench.dp.cost), as counted
+# by their describe()'s "dp_methods".
 MODEL_ROUTES = {
     ("cnn", "tiny"): "direct 1, gram 2, kept 1",
     ("cnn", "small"): "gram 2, kept 2",
@@ -57,3 +58,6 @@ MODEL_ROUTES = {
     ("diffusion", "tiny"): "elementwise 1, kept 4, segment 1",
     ("diffusion", "small"): "elementwise 2, kept 6, segment 1",
 }
+# PyTorch's own grouped convolution forms the StateSpace model's 256-tap depthwise
+# kernel gradients faster than FFT (cost.FFT_MIN_KERNEL): kept, not fft.
+TORCH_MODEL_ROUTES = {**MODEL_ROUTES, ("state_space", "small"): "elementwise 3, kept 5, segment 1"}

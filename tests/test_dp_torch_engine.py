@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from naive_dp import BATCH, MODEL_ROUTES
+from naive_dp import BATCH, TORCH_MODEL_ROUTES
 from naive_dp import assert_matches as _assert_matches
 from naive_dp import clip_between as _clip_between
 from naive_dp import naive_clipped_sum as _naive_clipped_sum
@@ -59,7 +59,7 @@ def test_engine_matches_naive(model, size):
     inputs, targets = family.synthetic_batch(size, BATCH, "torch", seed=1)
     description = _check(module, family.loss_torch, inputs, targets)
     assert description["dp_fallback"] == []  # every layer of the matrix has its own rule
-    assert description["dp_methods"] == MODEL_ROUTES[model, size]
+    assert description["dp_methods"] == TORCH_MODEL_ROUTES[model, size]
 
 
 def test_engine_matches_naive_on_efficientnet_b0():
@@ -77,6 +77,18 @@ def test_engine_matches_naive_on_efficientnet_b0():
     assert description["dp_fallback"] == []
     assert all(f": {m}" in methods for m in ("gram", "direct", "kept", "elementwise"))
     assert description["dp_copied"]
+
+
+# The zoo's depthwise layer takes the FFT route with this threshold (PyTorch's own,
+# cost.FFT_MIN_KERNEL["torch"], would need a kernel of a thousand taps).
+ZOO_FFT_MIN_KERNEL = 32
+
+
+@pytest.fixture
+def short_fft_threshold(monkeypatch):
+    from privbench.dp.torch_rules import ConvRule
+
+    monkeypatch.setattr(ConvRule, "fft_min_kernel", ZOO_FFT_MIN_KERNEL)
 
 
 def _torch_zoo():
@@ -97,7 +109,7 @@ def _torch_zoo():
             self.seq = nn.Conv1d(6, 8, 3, padding="same", groups=2)  # grouped, string padding
             self.reflect = nn.Conv1d(8, 8, 3, padding=1, padding_mode="reflect")
             self.depthwise = nn.Conv1d(8, 16, 5, padding=2, groups=8)  # channel multiplier 2
-            self.long = nn.Conv1d(16, 16, cost.FFT_MIN_KERNEL + 1, padding=16, groups=16)  # long depthwise: FFT
+            self.long = nn.Conv1d(16, 16, ZOO_FFT_MIN_KERNEL + 1, padding=16, groups=16)  # long depthwise: FFT
             self.wide = nn.Conv2d(4, 32, 3, padding=1, stride=2)  # few positions, many channels: gram
             self.volume = nn.Conv3d(1, 2, 2)
             self.norm = nn.GroupNorm(2, 16)
@@ -132,7 +144,7 @@ def _zoo_batch():
     return (tokens, image), labels
 
 
-def test_engine_every_route_and_fallback():
+def test_engine_every_route_and_fallback(short_fft_threshold):
     inputs, labels = _zoo_batch()
     description = _check(_torch_zoo(), F.cross_entropy, inputs, labels)
     layers = dict(line.split(": ") for line in description["dp_layers"])
@@ -147,7 +159,7 @@ def test_engine_every_route_and_fallback():
     assert sorted(description["dp_copied"]) == ["layer_norm", "wide"]
 
 
-def test_fft_route_equals_the_direct_per_example_gradient():
+def test_fft_route_equals_the_direct_per_example_gradient(short_fft_threshold):
     """The FFT cross-correlation of a long depthwise 1-D kernel, with padding and
     an odd length, against the per-example gradients of the folded convolution."""
     from privbench.dp.torch_rules import RULES
@@ -238,7 +250,7 @@ class _Recorder(torch_engine.PhaseObserver):
         self.events.append(("clipped_sum_done",))
 
 
-def test_phase_hooks_fire_in_order_and_kept_lists_what_is_held():
+def test_phase_hooks_fire_in_order_and_kept_lists_what_is_held(short_fft_threshold):
     inputs, labels = _zoo_batch()
     module = _torch_zoo()
     holder = []

@@ -177,7 +177,8 @@ class ConvRule:
         kept_numel = math.prod(shapes["lhs"][1:]) + math.prod(out_shape)
         return cost.conv_route(positions, kernel, layer.in_features, layer.out_features,
                                conv["feature_group_count"], spatial_dims=len(rhs_spec) - 2,
-                               unit_strides=unit, kept_numel=kept_numel).label
+                               unit_strides=unit, kept_numel=kept_numel,
+                               fft_min_kernel=cost.FFT_MIN_KERNEL["jax"]).label
 
     def work(self, layer, info: LayerInfo, params, records, grads, route) -> Work:
         lhs, g = records[0]["lhs"], grads[0]  # (B, *per-example lhs with its batch of one)

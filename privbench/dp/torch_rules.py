@@ -221,6 +221,8 @@ class ConvRule(_ProductRule):
     by a convolution with the batch folded into the groups, or for long
     depthwise 1-D kernels by FFT cross-correlation."""
 
+    fft_min_kernel = cost.FFT_MIN_KERNEL["torch"]  # taps from which FFT pays (see there)
+
     def unsupported(self, module):
         if module.padding_mode != "zeros" and isinstance(module.padding, str):
             return f"padding={module.padding!r} with padding_mode={module.padding_mode!r}"
@@ -231,7 +233,7 @@ class ConvRule(_ProductRule):
             math.prod(output_shape[2:]), math.prod(module.kernel_size), module.in_channels,
             module.out_channels, module.groups, spatial_dims=len(module.kernel_size),
             unit_strides=all(s == 1 for s in (*module.stride, *module.dilation)),
-            kept_numel=x[0].numel() + math.prod(output_shape[1:]))
+            kept_numel=x[0].numel() + math.prod(output_shape[1:]), fft_min_kernel=self.fft_min_kernel)
 
     def operands(self, module, x, g):
         x, padding = _explicit_padding(module, x.to(g.dtype))
