@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import jinja2
 import pandas as pd
@@ -23,6 +24,21 @@ _env = jinja2.Environment(
 def published(name: str) -> dict:
     """Reference figures of a published page, kept with their source in ``report/published``."""
     return yaml.safe_load((PUBLISHED_DIR / f"{name}.yaml").read_text())
+
+
+class StudyInputs(NamedTuple):
+    """What every study's report starts from."""
+
+    section: dict  # the study's section of the preset
+    frame: pd.DataFrame  # its tidy table
+    published: dict  # its published figures
+    assets_dir: Path
+    docs_dir: Path
+
+
+def study_inputs(config: dict, name: str, published_name: str, table_path: str | Path) -> StudyInputs:
+    return StudyInputs(config[name], pd.read_csv(table_path), published(published_name),
+                       Path(config["assets_dir"]), Path(config["docs_dir"]))
 
 
 def render(template: str, context: dict, out_path: str | Path) -> None:

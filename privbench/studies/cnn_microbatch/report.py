@@ -317,10 +317,7 @@ def _jaxpr_context(captures: list[dict], published: dict, frame: pd.DataFrame, s
 
 
 def report(config: dict, table_path: str | Path) -> None:
-    section = config[NAME]
-    frame = pd.read_csv(table_path)
-    published = pages.published(PUBLISHED)
-    assets_dir, docs_dir = Path(config["assets_dir"]), Path(config["docs_dir"])
+    section, frame, published, assets_dir, docs_dir = pages.study_inputs(config, NAME, PUBLISHED, table_path)
     runs = frame[frame.task == "throughput"]
 
     cases, all_views = [], []

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-
 from privbench import models
 from privbench.report import charts, pages, tables
 from privbench.studies.memory_profile.plan import (COMPONENTS, MB, METHOD_LABELS, METHODS, MODEL, NAME, PAGE,
@@ -200,10 +198,7 @@ def report(config: dict, table_path: str | Path) -> None:
     from privbench import records
     from privbench.dp.cost import TILE
 
-    section = config[NAME]
-    frame = pd.read_csv(table_path)
-    published = pages.published(PUBLISHED)
-    assets_dir, docs_dir = Path(config["assets_dir"]), Path(config["docs_dir"])
+    section, frame, published, assets_dir, docs_dir = pages.study_inputs(config, NAME, PUBLISHED, table_path)
     by_method = {row["method"]: row for _, row in frame.iterrows()}
     ordered = [m for m in METHODS if m in by_method]
     results = {m: records.read_record(by_method[m]["record_path"])["metrics"]

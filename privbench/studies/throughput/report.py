@@ -85,10 +85,7 @@ def _curve_end_lines(frame: pd.DataFrame) -> list[str]:
 
 
 def report(config: dict, table_path: str | Path) -> None:
-    section = config[NAME]
-    frame = pd.read_csv(table_path)
-    published = pages.published(PUBLISHED)
-    assets_dir, docs_dir = Path(config["assets_dir"]), Path(config["docs_dir"])
+    section, frame, published, assets_dir, docs_dir = pages.study_inputs(config, NAME, PUBLISHED, table_path)
 
     detailed = []
     for model in section["models"]:

@@ -216,14 +216,9 @@ def _run_rows(frame) -> list[list[str]]:
 
 
 def report(config: dict, table_path: str | Path) -> None:
-    import pandas as pd
-
     from privbench.report import pages
 
-    section = config[NAME]
-    frame = pd.read_csv(table_path)
-    published = pages.published(PUBLISHED)
-    assets, docs = Path(config["assets_dir"]), Path(config["docs_dir"])
+    section, frame, published, assets, docs = pages.study_inputs(config, NAME, PUBLISHED, table_path)
     outcomes = _outcomes(frame)
     device = _charts(frame, config, published, outcomes, assets)
     headers = ["Configuration", "Privacy",
