@@ -413,3 +413,27 @@ def test_layer_returning_a_tuple_is_refused():
     with pytest.raises(NotImplementedError, match="layer 'pair' returns no single tensor"):
         torch_engine.clipped_grad_sum(Model(), nn.functional.mse_loss, (torch.randn(BATCH, 3),),
                                       torch.randn(BATCH, 3), 1.0)
+
+
+def test_clipped_backward_drops_what_it_kept_while_the_caller_holds_the_loss():
+    # The hooks on the autograd graph refer to the engine's per-call records for as
+    # long as the loss (and so the graph) lives: the kept per-example gradients must
+    # be dropped by the clipped sum itself, not when the caller lets go of the loss.
+    import gc
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
+    inputs, targets = (torch.randn(BATCH, 5, 8),), torch.randint(0, 3, (BATCH, 5))
+    dp = torch_engine.make_private(module, torch.optim.SGD(module.parameters(), lr=0.0), max_grad_norm=1.0,
+                                   noise_multiplier=0.0)
+
+    def loss_fn(outputs, labels):
+        return F.cross_entropy(outputs.reshape(-1, 3), labels.reshape(-1))
+
+    assert dp.describe(loss_fn, inputs, targets)["dp_methods"] == "kept 2"
+    loss = dp.forward(loss_fn, inputs, targets)
+    dp.clipped_backward(loss)
+    gc.collect()
+    per_example_shapes = {(BATCH, 6, 8), (BATCH, 3, 6)}
+    alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and tuple(o.shape) in per_example_shapes]
+    assert loss.grad_fn is not None and alive == []

@@ -272,12 +272,15 @@ class _Engine:
 
         for layer in self._layers:
             for call in layer.calls:
-                if call.work is None:
+                work, call.work, call.grad, call.args = call.work, None, None, ()
+                # (the hooks on the autograd graph still refer to `call` while the caller
+                # holds the loss: what it kept is dropped here, as soon as it is used)
+                if work is None:
                     continue  # the output took no part in the loss
                 if layer.route is not _VJP_ROUTE:
-                    for name, value in layer.rule.clipped_sum(layer.module, call.work, factors).items():
+                    for name, value in layer.rule.clipped_sum(layer.module, work, factors).items():
                         add(layer.params[name], value)
-                for name, grads in call.work.per_example.items():
+                for name, grads in work.per_example.items():
                     add(layer.params[name], torch.tensordot(factors.to(grads.dtype), grads, dims=1))
             layer.calls = []
         for name, grads in self._whole_model_grads.items():
