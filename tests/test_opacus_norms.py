@@ -129,7 +129,6 @@ def test_opacus_own_ghost_clipping_tests_pass_with_kit_norm_samplers(tmp_path):
     """Opacus' fast-gradient-clipping test modules (from its wheel), run by pytest
     with tests/opacus_norms_plugin.py registering the kit's samplers: all pass,
     and the samplers did compute norms."""
-    pytest.importorskip("hypothesis")  # Opacus' tests draw their shapes with it
     calls = tmp_path / "calls"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
            "PRIVBENCH_NORM_SAMPLER_CALLS": str(calls)}
