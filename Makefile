@@ -22,7 +22,7 @@ run: setup
 test: setup test-infra
 	$(PY) -m pytest
 
-# Debian packages of the container and SLURM tests (Podman, SLURM, ...), if missing.
+# Debian packages of the container, SLURM and browser tests (Podman, SLURM, Chromium, ...), if missing.
 test-infra:
 	scripts/test-infra.sh
 

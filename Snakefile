@@ -1,12 +1,16 @@
 # privbench workflow: rebuild published private-training benchmarks.
 #
-#   snakemake --cores all                              default preset (laptop, < 1 h)
-#   snakemake --cores all --configfile config/tiny.yaml  minutes, for tests and CI
-#   snakemake --cores all --configfile config/full.yaml  published settings (GPU cluster)
+#   snakemake                                  default preset (laptop, about 30 min)
+#   snakemake --configfile config/tiny.yaml    minutes, for tests and CI
+#   snakemake --configfile config/full.yaml    published settings (GPU cluster)
+#
+# profiles/default/ (read by Snakemake itself) gives every core and shows a failed
+# job's log on the terminal; config/local.yaml, if present, this machine's settings.
 #
 # The rules are thin: each calls one stage of the privbench package.
 
 import json
+import os
 import sys
 
 from snakemake.utils import min_version
@@ -17,6 +21,13 @@ min_version("9.0")  # rule `name:` and `localrule:` directives (workflow/rules/s
 
 if not workflow.overwrite_configfiles:  # a --configfile replaces the default preset whole
     configfile: "config/config.yaml"
+
+# This machine's own settings, kept across invocations and presets and never committed
+# (.gitignore): a data mirror, say (README: "Data: CIFAR-100"). Read after the preset;
+# --config items still win. PRIVBENCH_LOCAL_CONFIG names another file.
+LOCAL_CONFIG = os.environ.get("PRIVBENCH_LOCAL_CONFIG") or "config/local.yaml"
+if os.path.exists(LOCAL_CONFIG):
+    configfile: LOCAL_CONFIG
 
 # One validator for the workflow and the package: bad keys are named before any job runs.
 try:

@@ -1,19 +1,32 @@
 """Cost of the kit's fast DP-SGD (mode ``fast_dp``) against non-private
-training, per workload and framework, on this machine.
+training, per workload and framework, on this machine (issue 13's targets).
 
 For every (workload, framework) one process builds both trainers at the same
 batch size and times them in alternation, step for step, so that both see
-the same background load; throughput is batch / median step time. Peak
-memory is measured apart, one fresh process per mode (the process's peak
-resident set, VmHWM, after a warm-up and a few steps), since a process never
-gives all of its memory back. One line per workload:
+the same background load; throughput is batch / median step time. Memory is
+measured apart, one fresh process per mode:
 
-    workload framework nonprivate_sps dp_sps ratio nonprivate_peak_mb dp_peak_mb memory_ratio
+- ``tensor_memory``: the step's peak tensor memory, what the step itself needs.
+  PyTorch: the bytes of every live tensor before a step (parameters, gradients,
+  optimiser state, batch; each storage once) plus the peak of the CPU
+  allocator's events during the step (privbench.profiling.StepMeter, as the
+  memory page meters). JAX: the compiled update's memory analysis, argument +
+  output + temporary bytes less what donation aliases.
+- ``peak_rss``: the process's peak resident set (VmHWM) over a few steps after
+  the warm-up, which the framework's own footprint dilutes (shown for reference).
 
-Targets (the issue this mode answers): ratio >= 0.5 and memory_ratio <= 1.3.
+One line per workload; the first five columns are the targets' figures:
+
+    workload framework nonprivate_sps dp_sps ratio tensor_memory_ratio nonprivate_tensor_mb dp_tensor_mb nonprivate_peak_rss_mb dp_peak_rss_mb
+
+Targets: ratio >= 0.8 and tensor_memory_ratio <= 1.10 on every workload.
+``--scaling`` prints a second table instead: the same two ratios for CNN and
+Transformer in both frameworks at batch 8, 32 and 128 (small) and at sizes
+small and medium (batch 32), to see whether the cost of DP grows with either.
 
     .venv/bin/python benchmarks/dp_overhead.py                       # everything, small, batch 32
     .venv/bin/python benchmarks/dp_overhead.py --workloads cnn --frameworks torch --rounds 3
+    .venv/bin/python benchmarks/dp_overhead.py --scaling
 """
 
 from __future__ import annotations
@@ -26,9 +39,12 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from privbench.memory import keep_freed_memory  # noqa: E402 (imports no framework)
 
 MODEL_WORKLOADS = ("cnn", "transformer", "state_space", "diffusion")
 EFFICIENTNET = "efficientnet_b0"  # torch only: torchvision's, GroupNorm, 100 classes, 32x32 inputs
@@ -98,6 +114,7 @@ def _limit_threads(threads: int | None) -> None:
 def time_both(workload, framework, size, batch, rounds, threads) -> dict:
     """Step times of both modes, alternating one step of each per round."""
     _limit_threads(threads)
+    keep_freed_memory()  # as every run of the workflow does (privbench.worker)
     trainers = {mode: build_trainer(workload, framework, mode, size, batch) for mode in MODES}
     for trainer in trainers.values():  # warm-up: compilation, first-touch allocations
         trainer.sync(trainer.step())
@@ -133,6 +150,31 @@ def peak_memory(workload, framework, mode, size, batch, steps, threads) -> float
     return peak_rss_mb()
 
 
+def tensor_memory(workload, framework, mode, size, batch, threads) -> float:
+    """Peak tensor memory (MB) of one training step of one mode, in a fresh process (see the module docstring)."""
+    _limit_threads(threads)
+    trainer = build_trainer(workload, framework, mode, size, batch)
+    trainer.sync(trainer.step())  # compiled; optimiser state exists
+    if framework == "jax":
+        return trainer.compiled_memory_bytes() / 2**20
+    import gc
+
+    import torch
+
+    from privbench.profiling import StepMeter, held_bytes
+
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        live = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    start = sum(held_bytes({"live": live}).values())
+    del live
+    with StepMeter(torch.device("cpu"), start_bytes=start) as meter:
+        with meter.section("step"):
+            trainer.sync(trainer.step())
+    return meter.sections[0].peak / 2**20
+
+
 def _release_freed_heap() -> None:
     """glibc keeps freed heap mapped (counted in the resident set); give it back."""
     try:
@@ -147,35 +189,63 @@ def in_fresh_process(function, *args):
         return pool.submit(function, *args).result()
 
 
+def measure(workload, framework, size, batch, rounds, threads, memory_steps) -> dict:
+    """Both modes' throughput (alternated in one process), tensor memory and peak resident set."""
+    times = in_fresh_process(time_both, workload, framework, size, batch, rounds, threads)
+    sps = {mode: batch / statistics.median(times[mode]) for mode in MODES}
+    tensor_mb = {mode: in_fresh_process(tensor_memory, workload, framework, mode, size, batch, threads)
+                 for mode in MODES}
+    rss_mb = {mode: in_fresh_process(peak_memory, workload, framework, mode, size, batch, memory_steps, threads)
+              for mode in MODES} if memory_steps else None
+    return {"sps": sps, "ratio": sps["fast_dp"] / sps["standard"], "tensor_mb": tensor_mb,
+            "tensor_memory_ratio": tensor_mb["fast_dp"] / tensor_mb["standard"], "rss_mb": rss_mb}
+
+
+SCALING_WORKLOADS = ("cnn", "transformer")
+SCALING_POINTS = (("small", 8), ("small", 32), ("small", 128), ("medium", 32))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
-    parser.add_argument("--frameworks", nargs="+", choices=("jax", "torch"), default=["jax", "torch"])
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=None,
+                        help="workloads to measure (default: all; with --scaling: cnn transformer)")
+    parser.add_argument("--frameworks", nargs="+", choices=("jax", "torch"), default=["jax", "torch"],
+                        help="frameworks to measure (EfficientNet-B0 is torch only)")
     parser.add_argument("--size", default="small", help="model size of the four model workloads")
     parser.add_argument("--batch", type=int, default=32, help="batch of the four model workloads")
-    parser.add_argument("--efficientnet-batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5, help="timed steps per mode")
-    parser.add_argument("--memory-steps", type=int, default=2, help="steps after warm-up when measuring memory")
+    parser.add_argument("--efficientnet-batch", type=int, default=64, help="batch of EfficientNet-B0")
+    parser.add_argument("--rounds", type=int, default=5, help="alternated timed steps per mode (median kept)")
+    parser.add_argument("--memory-steps", type=int, default=2,
+                        help="steps after warm-up when measuring the peak resident set (0: skip it)")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads for both frameworks (default: the libraries' own)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="the growth table: ratios at batch 8, 32, 128 (small) and sizes small, medium (batch 32)")
     args = parser.parse_args(argv)
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} load average {os.getloadavg()[0]:.2f}, "
           f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}; sps = batch / median step time")
-    print("workload framework nonprivate_sps dp_sps ratio nonprivate_peak_mb dp_peak_mb memory_ratio")
-    for workload in args.workloads:
-        for framework in args.frameworks:
-            if workload == EFFICIENTNET and framework != "torch":
-                continue
-            batch = args.efficientnet_batch if workload == EFFICIENTNET else args.batch
-            times = in_fresh_process(time_both, workload, framework, args.size, batch, args.rounds,
-                                     args.threads)
-            sps = {mode: batch / statistics.median(times[mode]) for mode in MODES}
-            peaks = {mode: in_fresh_process(peak_memory, workload, framework, mode, args.size, batch,
-                                            args.memory_steps, args.threads) for mode in MODES}
-            print(f"{workload} {framework} {sps['standard']:.2f} {sps['fast_dp']:.2f} "
-                  f"{sps['fast_dp'] / sps['standard']:.2f} {peaks['standard']:.0f} {peaks['fast_dp']:.0f} "
-                  f"{peaks['fast_dp'] / peaks['standard']:.2f}", flush=True)
+    if args.scaling:
+        print("workload framework size batch ratio tensor_memory_ratio nonprivate_sps dp_sps")
+        for workload in args.workloads or SCALING_WORKLOADS:
+            for framework in args.frameworks:
+                for size, batch in SCALING_POINTS:
+                    m = measure(workload, framework, size, batch, args.rounds, args.threads, memory_steps=0)
+                    print(f"{workload} {framework} {size} {batch} {m['ratio']:.2f} {m['tensor_memory_ratio']:.2f} "
+                          f"{m['sps']['standard']:.2f} {m['sps']['fast_dp']:.2f}", flush=True)
+    else:
+        print("workload framework nonprivate_sps dp_sps ratio tensor_memory_ratio nonprivate_tensor_mb dp_tensor_mb"
+              " nonprivate_peak_rss_mb dp_peak_rss_mb")
+        for workload in args.workloads or WORKLOADS:
+            for framework in args.frameworks:
+                if workload == EFFICIENTNET and framework != "torch":
+                    continue
+                batch = args.efficientnet_batch if workload == EFFICIENTNET else args.batch
+                m = measure(workload, framework, args.size, batch, args.rounds, args.threads, args.memory_steps)
+                rss = (f"{m['rss_mb']['standard']:.0f} {m['rss_mb']['fast_dp']:.0f}" if m["rss_mb"] else "- -")
+                print(f"{workload} {framework} {m['sps']['standard']:.2f} {m['sps']['fast_dp']:.2f} {m['ratio']:.2f} "
+                      f"{m['tensor_memory_ratio']:.2f} {m['tensor_mb']['standard']:.1f} {m['tensor_mb']['fast_dp']:.1f} "
+                      f"{rss}", flush=True)
     print(f"# finished {time.strftime('%Y-%m-%d %H:%M:%S')}, load average {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from privbench import models, studies  # noqa: E402
 from privbench.dp import opacus_norms, torch_engine  # noqa: E402
+from privbench.memory import keep_freed_memory  # noqa: E402
 from privbench.profiling import StepMeter, held_bytes  # noqa: E402
 
 MODEL = "transformer"
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--methods", default="vanilla,kit,ghost,ghost_kit_norms")
     args = parser.parse_args()
+    keep_freed_memory()  # as every run of the workflow does (privbench.worker)
     if args.threads:
         torch.set_num_threads(args.threads)
     section = studies.load(REPO / args.configfile)["memory_profile"]

@@ -37,6 +37,7 @@ def to_row(record: dict) -> dict:
     row["status"] = record["status"]
     row["message"] = record["message"]
     row["estimated"] = record["estimated"]
+    row["started_at"], row["finished_at"] = record["started_at"], record["finished_at"]
     for key, value in record["metrics"].items():
         if key == "step_times_s":
             row["timed_steps_done"] = len(value)

@@ -5,9 +5,10 @@ runner), enforces the time limit, streams the worker's progress into the log,
 and writes the record atomically whatever happened: ``ok``, ``oom``,
 ``timeout`` or ``error`` with a message.
 
-``run_sweep`` runs a batch-size curve: the batch doubles until a run fails
-(which ends the curve and is recorded) or the cap is reached. Runs whose
-record already exists are kept, not redone.
+``run_sweep`` runs a curve job: a batch-size curve, whose batch doubles until a
+run fails (which ends the curve and is recorded) or the cap is reached, or a
+repeat round (claim points rerun in new processes). Runs whose record already
+exists are kept, not redone.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from privbench import records, runners, system
+from privbench import progress, records, runners, system
 from privbench.memory import looks_like_oom, oom_evidence
 
 
@@ -69,6 +70,7 @@ def run_isolated(spec: dict, record_path: str | Path, runner_config: dict | None
     started_at = _now()
     log(f"run {spec['run_id']}: starting (time limit {timeout_s:g} s)")
     tail: collections.deque = collections.deque(maxlen=400)
+    noise = system.NoiseProbe()
     t0 = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
@@ -89,6 +91,7 @@ def run_isolated(spec: dict, record_path: str | Path, runner_config: dict | None
         raise
     reader.join(timeout=10)
     wall_s = time.perf_counter() - t0
+    noise_fields = noise.fields()
 
     result = _read_result(result_file)
     status, message = _classify(result, timed_out, proc.returncode, timeout_s, tail)
@@ -109,7 +112,7 @@ def run_isolated(spec: dict, record_path: str | Path, runner_config: dict | None
         "message": message,
         "metrics": metrics,
         "estimated": bool(metrics.pop("estimated", False)),
-        "system": {**system.describe_system(), **(result or {}).get("system_extra", {})},
+        "system": {**system.describe_system(), **noise_fields, **(result or {}).get("system_extra", {})},
         "started_at": started_at,
         "finished_at": _now(),
     }
@@ -119,8 +122,7 @@ def run_isolated(spec: dict, record_path: str | Path, runner_config: dict | None
     record["metrics"]["record_write_s"] = time.perf_counter() - t_write
     spec_file.unlink(missing_ok=True)
     result_file.unlink(missing_ok=True)
-    log(f"run {spec['run_id']}: {status}" + (f" ({message})" if message else "")
-        + (f", {metrics['throughput_sps']:.2f} samples/s" if metrics.get("throughput_sps") else ""))
+    progress.run_finished(record)  # the log and the terminal where snakemake runs
     return record
 
 
@@ -185,23 +187,24 @@ def batch_sizes(start: int, cap: int) -> list[int]:
     return sizes
 
 
-def run_sweep(curve: dict, records_dir: str | Path, make_spec: Callable[[dict, int], dict],
+def run_sweep(curve: dict, records_dir: str | Path, make_spec: Callable[..., dict],
               runner_config: dict | None = None) -> dict:
-    """Run one batch-size curve; return its summary (run ids, statuses, why it stopped)."""
+    """Run one curve job; return its summary (run ids, statuses, why it stopped).
+
+    A batch sweep runs ``make_spec(curve, batch)`` for each batch size until a run fails.
+    A repeat round (a curve with ``points``, privbench.studies.curves.repeat_rounds) runs
+    ``make_spec(point_curve, batch, repeat)`` for every point; a failure ends nothing there.
+    """
     records_dir = Path(records_dir)
     summary = {"curve_id": curve["curve_id"], "runs": [], "stopped_by": None}
+    if "points" in curve:
+        for point in curve["points"]:
+            spec = make_spec(point["curve"], point["batch_size"], curve["repeat"])
+            _kept_or_run(spec, point["batch_size"], records_dir, runner_config, summary)
+        summary["stopped_by"] = f"repeat round {curve['repeat']}: every point ran once"
+        return summary
     for batch in batch_sizes(curve["batch_start"], curve["batch_cap"]):
-        spec = make_spec(curve, batch)
-        path = records_dir / f"{spec['run_id']}.json"
-        record = records.existing_record(path)
-        if record is not None and record["config"].get("spec_hash") == spec["config"]["spec_hash"]:
-            log(f"run {spec['run_id']}: kept existing record ({record['status']})")
-        else:
-            if path.exists():
-                log(f"run {spec['run_id']}: existing record is stale or unreadable, redoing it")
-            record = run_isolated(spec, path, runner_config)
-        summary["runs"].append({"run_id": spec["run_id"], "batch_size": batch, "status": record["status"],
-                                "record": str(path)})
+        record = _kept_or_run(make_spec(curve, batch), batch, records_dir, runner_config, summary)
         if record["status"] != "ok":
             summary["stopped_by"] = f"{record['status']} at batch {batch}"
             log(f"curve {curve['curve_id']}: ends at batch {batch} ({record['status']})")
@@ -209,3 +212,19 @@ def run_sweep(curve: dict, records_dir: str | Path, make_spec: Callable[[dict, i
     else:
         summary["stopped_by"] = f"reached batch cap {curve['batch_cap']}"
     return summary
+
+
+def _kept_or_run(spec: dict, batch: int, records_dir: Path, runner_config: dict | None, summary: dict) -> dict:
+    """The run's record: kept if one exists for this very spec, else the run is made now.
+    Listed in the curve job's ``summary``."""
+    path = records_dir / f"{spec['run_id']}.json"
+    record = records.existing_record(path)
+    if record is not None and record["config"].get("spec_hash") == spec["config"]["spec_hash"]:
+        log(f"run {spec['run_id']}: kept existing record ({record['status']})")
+    else:
+        if path.exists():
+            log(f"run {spec['run_id']}: existing record is stale or unreadable, redoing it")
+        record = run_isolated(spec, path, runner_config)
+    summary["runs"].append({"run_id": spec["run_id"], "batch_size": batch,
+                            "status": record["status"], "record": str(path)})
+    return record

@@ -47,6 +47,34 @@ def peak_rss_mb() -> float:
     return kb / 1024
 
 
+# glibc's mallopt parameters (malloc.h) and the settings keep_freed_memory applies.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_TRIM_BYTES, _KEEP_MMAP_BYTES = 1 << 30, 256 * MB
+
+
+def keep_freed_memory() -> dict:
+    """Let glibc keep freed memory for reuse, as CUDA's caching allocator does.
+
+    By default glibc gives large freed blocks back to the kernel at once, so a
+    step that allocates the same tens of megabytes every time (per-example
+    gradients, activations) page-faults all of them afresh each step: measured
+    on the memory page's Transformer, 4-5% of a DP step and nothing of a plain
+    one. Blocks under 256 MB now come from the heap, and up to 1 GiB of freed
+    heap stays mapped. Applied to every run alike (a process setting); the
+    peak resident set is unchanged. Returns what to record with the run."""
+    if not sys.platform.startswith("linux"):
+        return {"malloc_keeps_freed": False}
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        applied = bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM_BYTES)
+                       and libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_MMAP_BYTES))
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        applied = False
+    return {"malloc_keeps_freed": applied}
+
+
 def gpu_budget_environment(budget_mb: int, gpu_total_mb: float) -> dict[str, str]:
     """JAX's settings for a GPU budget, to set before JAX starts: no preallocation (by default
     JAX takes 75% of the card at once), its allocator capped at ``budget_mb`` of the card."""

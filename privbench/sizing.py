@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 
-from privbench import harness, studies
+from privbench import studies
 from privbench.studies import curves as curves_mod
 
 
@@ -23,7 +23,7 @@ def estimate(config: dict, cores_per_job: int, parallel_jobs: int) -> dict:
         minutes, runs = [], 0
         for curve in studies.plan(name).curves(config).values():
             minutes.append(curves_mod.runtime_min(curve))
-            runs += len(harness.batch_sizes(curve["batch_start"], curve["batch_cap"]))
+            runs += len(curves_mod.planned_runs(curve))
         all_minutes += minutes
         rows.append(_row(name, minutes, runs, cores_per_job, gpus_per_job))
     total = _row("total", all_minutes, sum(row["runs"] for row in rows), cores_per_job, gpus_per_job)

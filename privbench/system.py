@@ -22,15 +22,73 @@ TRACKED_LIBRARIES = (
 )
 
 
-def cpu_model() -> str:
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The processor's model name; where a virtual machine reports a generic one without a
+    model number ("AMD EPYC", "Intel(R) Xeon(R) Processor"), with its family, model and stepping,
+    which name the processor generation."""
     try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+        cpuinfo = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor describes them all
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if not any(ch.isdigit() for ch in name) and "cpu family" in fields:
+        name += (f" (family {fields['cpu family']}, model {fields.get('model', '?')}, "
+                 f"stepping {fields.get('stepping', '?')})")
+    return name
+
+
+def load_average_1m() -> float | None:
+    """The kernel's 1-minute load average (runnable and waiting threads), None where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def cpu_ticks(stat_text: str | None = None) -> tuple[int, int] | None:
+    """(steal, total) CPU ticks since boot, all CPUs together, from /proc/stat's "cpu" line.
+
+    Steal is the time a hypervisor gave this machine's virtual CPUs to someone else; a
+    kernel that reports no steal column counts as 0. None where /proc/stat is unreadable.
+    """
+    try:
+        stat_text = Path("/proc/stat").read_text() if stat_text is None else stat_text
+    except OSError:
+        return None
+    for line in stat_text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            # user nice system idle iowait irq softirq steal (guest time is already in user)
+            ticks = [int(value) for value in fields[1:9]]
+            return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
+    return None
+
+
+class NoiseProbe:
+    """The machine's noise over one run: load average at start and end, CPU steal in %.
+
+    Start it just before the run's process, call :meth:`fields` once it has ended.
+    """
+
+    def __init__(self):
+        self.load_start = load_average_1m()
+        self.ticks_start = cpu_ticks()
+
+    def fields(self) -> dict:
+        """The record's noise fields (``system``): None where the kernel does not tell."""
+        end = cpu_ticks()
+        steal_pct = None
+        if self.ticks_start is not None and end is not None:
+            steal, total = (e - s for e, s in zip(end, self.ticks_start))
+            steal_pct = 100.0 * steal / total if total > 0 else 0.0
+        return {"load_avg_1m_start": self.load_start, "load_avg_1m_end": load_average_1m(),
+                "cpu_steal_pct": steal_pct}
 
 
 def library_versions() -> dict[str, str | None]:

@@ -63,6 +63,7 @@ def main(spec_path: str, result_path: str) -> int:
         phases["import_s"] = time.perf_counter() - t0
         metrics["rss_after_import_mb"] = memory.rss_mb()
         metrics.update(precision.apply(limits.get("precision", "highest"), platform))
+        metrics.update(memory.keep_freed_memory())
         metrics.update(memory.apply_budget(limits["memory_budget_mb"], platform, gpu_total_mb))
         metrics["peak_rss_reset"] = memory.reset_peak_rss()
         _progress(f"{spec['run_id']}: imports done in {phases['import_s']:.1f} s, "

@@ -28,8 +28,8 @@ STAGES = [
     ("privbench.studies", "privbench.report.index", "privbench.cli", "privbench.sizing", "privbench.worker"),
 ]
 INFRA = ("privbench.config", "privbench.records", "privbench.harness", "privbench.system", "privbench.memory",
-         "privbench.paths", "privbench.errors", "privbench.timing", "privbench.tee", "privbench.runners",
-         "privbench.aggregate", "privbench.__main__", "privbench")
+         "privbench.paths", "privbench.errors", "privbench.progress", "privbench.timing", "privbench.tee",
+         "privbench.runners", "privbench.aggregate", "privbench.__main__", "privbench")
 
 
 def _module_name(path: Path) -> str:

@@ -24,7 +24,8 @@ def test_full_preset_is_the_published_setting(repo_root):
     assert section["timed_steps"] == 50 and section["warmup_steps"] == 1
     assert section["sizes"] == ["small", "medium", "large"]
     assert section["settings"] == {"learning_rate": 1e-4, "l2_clip_norm": 1.0, "noise_std": 0.1,
-                                   "grad_sample_mode": "hooks", "poisson_sampling": True}
+                                   "grad_sample_mode": "hooks", "poisson_sampling": True,
+                                   "opacus_batches": 60}
 
 
 def _raw(repo_root):
@@ -52,7 +53,9 @@ def test_invalid_config_names_the_key(repo_root, mutate, expected):
 
 def test_plan_covers_every_combination(tiny_config):
     curves = throughput.curves(tiny_config)
-    assert len(curves) == 2 * 4 * 1 * 3  # frameworks x models x sizes x modes
+    sweeps = {curve_id: c for curve_id, c in curves.items() if "points" not in c}
+    assert len(sweeps) == 2 * 4 * 1 * 3  # frameworks x models x sizes x modes
+    assert set(curves) - set(sweeps) == {"repeat-r1"}  # tiny: 2 processes per claim run
     assert "jax-cnn-tiny-clipped" in curves and "torch-state_space-tiny-standard" in curves
     assert "jax-diffusion-tiny-fast_dp" in curves and "torch-transformer-tiny-fast_dp" in curves
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from naive_dp import BATCH, TORCH_MODEL_ROUTES
+from naive_dp import BATCH, model_routes
 from naive_dp import assert_matches as _assert_matches
 from naive_dp import clip_between as _clip_between
 from naive_dp import naive_clipped_sum as _naive_clipped_sum
@@ -51,15 +51,18 @@ def _check(module, loss_fn, inputs, targets) -> dict:
     return description
 
 
+@pytest.mark.parametrize("variant", models.VARIANTS)
 @pytest.mark.parametrize("size", ["tiny", "small"])
 @pytest.mark.parametrize("model", models.MODELS)
-def test_engine_matches_naive(model, size):
+def test_engine_matches_naive(model, size, variant):
+    """Every model in both variants: the published ones hold GroupNorm(8) and
+    channels-last convolutions."""
     family = models.family(model)
-    module = models.build("torch", model, size, seed=0)
+    module = models.build("torch", model, size, seed=0, variant=variant)
     inputs, targets = family.synthetic_batch(size, BATCH, "torch", seed=1)
     description = _check(module, family.loss_torch, inputs, targets)
     assert description["dp_fallback"] == []  # every layer of the matrix has its own rule
-    assert description["dp_methods"] == TORCH_MODEL_ROUTES[model, size]
+    assert description["dp_methods"] == model_routes("torch", model, size, variant)
 
 
 def test_engine_matches_naive_on_efficientnet_b0():
@@ -106,6 +109,7 @@ def _torch_zoo():
         def __init__(self):
             super().__init__()
             self.tokens = nn.Embedding(11, 6, padding_idx=0)
+            self.positions = nn.Embedding(7, 6, padding_idx=2)  # every index once per example
             self.seq = nn.Conv1d(6, 8, 3, padding="same", groups=2)  # grouped, string padding
             self.reflect = nn.Conv1d(8, 8, 3, padding=1, padding_mode="reflect")
             self.depthwise = nn.Conv1d(8, 16, 5, padding=2, groups=8)  # channel multiplier 2
@@ -121,7 +125,8 @@ def _torch_zoo():
             self.offset = nn.Parameter(torch.zeros(3))  # owned by a non-leaf: whole-model fallback
 
         def forward(self, tokens, image):
-            x = self.tokens(tokens).transpose(1, 2)  # (B, 6, T)
+            positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+            x = (self.tokens(tokens) + self.positions(positions)).transpose(1, 2)  # (B, 6, T)
             x = self.long(self.depthwise(torch.tanh(self.reflect(self.seq(x)))))
             x = self.norm(x).transpose(1, 2)  # (B, T, 16)
             x = self.shared(torch.tanh(self.shared(self.scale(self.relu(self.layer_norm(x))))))
@@ -144,12 +149,35 @@ def _zoo_batch():
     return (tokens, image), labels
 
 
+@pytest.mark.parametrize("tokens", ["distinct", "repeated"])
+def test_embedding_norms_equal_per_example_loop(tokens):
+    """Both embedding forms: every token once per example (its rows are the output
+    gradient itself) and tokens repeated (rows summed per token), padding masked."""
+    from privbench.dp.torch_rules import RULES
+
+    generator = torch.Generator().manual_seed(0)
+    embedding = nn.Embedding(9, 5, padding_idx=2)
+    if tokens == "distinct":
+        ids = torch.stack([torch.randperm(9, generator=generator)[:6] for _ in range(BATCH)])
+    else:
+        ids = torch.randint(0, 4, (BATCH, 6), generator=generator)
+    g = torch.randn(BATCH, 6, 5, generator=generator)
+    expected = []
+    for ids_n, g_n in zip(ids, g):
+        grad = torch.zeros(9, 5).index_add_(0, ids_n, g_n)
+        grad[embedding.padding_idx] = 0
+        expected.append(grad.square().sum())
+    rule = RULES[nn.Embedding]
+    work = rule.norms(embedding, ids, g, rule.route(embedding, ids, g.shape))
+    torch.testing.assert_close(work.sq_norms, torch.stack(expected))
+
+
 def test_engine_every_route_and_fallback(short_fft_threshold):
     inputs, labels = _zoo_batch()
     description = _check(_torch_zoo(), F.cross_entropy, inputs, labels)
     layers = dict(line.split(": ") for line in description["dp_layers"])
     assert layers["wide (Conv2d)"] == "gram"
-    assert layers["tokens (Embedding)"] == "segment"
+    assert layers["tokens (Embedding)"] == layers["positions (Embedding)"] == "segment"
     assert layers["long (Conv1d)"] == "fft"
     assert layers["norm (GroupNorm)"] == layers["layer_norm (LayerNorm)"] == "elementwise"
     assert layers["scale (Scale)"] == "vjp"
@@ -291,6 +319,37 @@ def test_step_adds_noise_of_std_noise_multiplier_times_clip_over_batch():
     assert np.abs(expected).max() <= 1e-6 * BATCH
 
 
+def test_noise_drawn_on_several_cores_is_gaussian_independent_and_reproducible(monkeypatch):
+    """The multi-core noise path: N(0, std^2) per number, its parts drawn from
+    different streams, the same noise again from the same seed."""
+    monkeypatch.setattr(torch_engine, "PARALLEL_NOISE_MIN_NUMBERS", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def noise_of_one_step(seed):
+            module = nn.Linear(200, 100)
+            params = list(module.parameters())
+            dp = torch_engine.make_private(module, torch.optim.SGD(params, lr=0.0), max_grad_norm=1e-9,
+                                           noise_multiplier=1e9, noise_generator=torch.Generator().manual_seed(seed))
+            try:
+                data = torch.Generator().manual_seed(7)
+                dp.step(lambda out, y: F.mse_loss(out, y), (torch.randn(4, 200, generator=data),),
+                        torch.randn(4, 100, generator=data))
+                return _flat(p.grad for p in params) * 4 / (1e9 * 1e-9)  # undo the divisor and std
+            finally:
+                dp.remove()
+
+        noise = noise_of_one_step(0)
+        assert noise.std() == pytest.approx(1.0, rel=0.05) and abs(noise.mean()) < 0.02
+        half = len(noise) // 2
+        assert abs(np.corrcoef(noise[:half - 50], noise[half:2 * half - 50])[0, 1]) < 0.05
+        # (up to the clipped sum, below 1e-8 here: the layer's initial weights differ)
+        np.testing.assert_allclose(noise, noise_of_one_step(0), atol=1e-6)
+        assert np.abs(noise - noise_of_one_step(1)).max() > 1.0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_trainer_noise_std_on_mean_gradient():
     """With a negligible clip norm the gradient handed to AdamW is pure noise
     of std noise_std, as in the clipped mode."""
@@ -341,7 +400,7 @@ def _transformer_case(seq_len=None):
     tokens, targets = (torch.randint(0, spec["vocab_size"], (4, seq_len)) for _ in range(2))
     from privbench.models.transformer import torch_class  # the same model class at another length
 
-    return torch_class()(**spec), family.loss_torch, tokens, targets
+    return torch_class()(**spec, variant=models.PUBLISHED), family.loss_torch, tokens, targets
 
 
 def _cnn_case():

@@ -12,9 +12,10 @@ from privbench.training import make_trainer
 
 # --------------------------------------------------------------------------- both trainers
 
+@pytest.mark.parametrize("variant", ["published", "harmonized"])
 @pytest.mark.parametrize("framework", ["jax", "torch"])
-def test_fast_dp_trainer_trains_and_describes_its_layers(framework):
-    trainer = make_trainer(framework, "transformer", "tiny", "fast_dp", batch_size=8)
+def test_fast_dp_trainer_trains_and_describes_its_layers(framework, variant):
+    trainer = make_trainer(framework, "transformer", "tiny", "fast_dp", batch_size=8, model_variant=variant)
     before = trainer.param_arrays()
     for _ in range(2):
         trainer.sync(trainer.step())

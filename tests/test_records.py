@@ -106,3 +106,30 @@ def test_tidy_table_has_parameter_metric_and_environment_columns(tmp_path):
                    "phases_s_import_s", "sys_platform", "sys_torch", "status", "message", "record_path"):
         assert column in frame.columns, column
     assert list(frame.status) == ["ok", "oom"]
+
+
+def test_noise_fields_come_from_proc_stat_and_old_records_still_load(tmp_path):
+    stat = "cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n"
+    assert system.cpu_ticks(stat) == (40, 1000)
+    assert system.cpu_ticks("cpu  100 0 50 800\n") == (0, 950)  # a kernel without a steal column
+    probe = system.NoiseProbe()
+    probe.ticks_start = (0, 0)
+    fields = probe.fields()
+    assert set(fields) == {"load_avg_1m_start", "load_avg_1m_end", "cpu_steal_pct"}
+    assert 0 <= fields["cpu_steal_pct"] <= 100 and fields["load_avg_1m_end"] >= 0
+    new = make_record()
+    new["system"].update(fields)
+    records.write_record(tmp_path / "new.json", new)
+    old = make_record()  # written before the noise fields existed
+    assert "cpu_steal_pct" not in old["system"]
+    records.write_record(tmp_path / "old.json", old)
+    frame = aggregate.build_table([tmp_path / "new.json", tmp_path / "old.json"])
+    assert frame.sys_cpu_steal_pct.notna().tolist() == [True, False]
+    assert frame.started_at.tolist() == ["2026-01-01T00:00:00+00:00"] * 2
+
+
+def test_a_generic_processor_name_gets_its_family_and_model():
+    generic = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nstepping\t: 1\n\n"
+    assert system.cpu_model(generic) == "AMD EPYC (family 25, model 1, stepping 1)"
+    named = generic.replace("AMD EPYC\n", "AMD EPYC 7763 64-Core Processor\n")
+    assert system.cpu_model(named) == "AMD EPYC 7763 64-Core Processor"

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from privbench import harness, sizing, studies
+from privbench import sizing, studies
 from privbench.studies import curves as curves_mod
 
 
@@ -13,7 +13,7 @@ def test_estimate_counts_every_curve_and_run_at_its_limit(tiny_config):
     minutes = [curves_mod.runtime_min(curve) for curve in curves]
     total = result["total"]
     assert total["jobs"] == len(curves) == sum(row["jobs"] for row in result["experiments"])
-    assert total["runs"] == sum(len(harness.batch_sizes(c["batch_start"], c["batch_cap"])) for c in curves)
+    assert total["runs"] == sum(len(curves_mod.planned_runs(c)) for c in curves)
     assert total["job_hours"] == sum(minutes) / 60 and total["core_hours"] == 4 * total["job_hours"]
     assert total["gpu_hours"] == 0  # platform cpu
     assert result["wall_hours"] == result["serial_wall_hours"] == sum(minutes) / 60  # one job at a time

@@ -26,6 +26,7 @@ import yaml
 from conftest import run_workflow
 from infrastructure import processes_using
 from privbench import records
+from privbench.report import tables
 
 pytestmark = pytest.mark.cluster
 
@@ -79,7 +80,8 @@ def _throughput_preset(tmp_path: Path, **throughput) -> str:
 
 
 def _profile_args(logs: Path, *extra: str) -> tuple[str, ...]:
-    return ("all", "--profile", "profiles/slurm", "--cores", "2",
+    # a workflow profile: it replaces profiles/default (whose cores: all would override a --profile's)
+    return ("all", "--workflow-profile", "profiles/slurm", "--cores", "2",
             # without accounting, job states come from squeue; status checks start early
             "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "3",
             "--slurm-logdir", str(logs), *extra)
@@ -113,8 +115,26 @@ def test_tiny_preset_through_the_slurm_profile(slurm_env, tmp_path):
     # only the benchmark rule was submitted; table, page and index ran here (localrules)
     assert [p.name for p in logs.iterdir()] == ["rule_throughput_curve"]
     page = (tmp_path / "docs" / "benchmark_results.md").read_text()
-    assert f"{run_records[0]['metrics']['throughput_sps']:.2f}" in page
+    assert tables.fmt_sps(run_records[0]['metrics']['throughput_sps']) in page
     assert (tmp_path / "docs" / "index.md").exists()
+
+
+def test_unset_site_variables_never_reach_sbatch(slurm_cluster, monkeypatch, tmp_path):
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster / "slurm.conf"))
+    monkeypatch.delenv("PRIVBENCH_SLURM_PARTITION", raising=False)
+    monkeypatch.setenv("PRIVBENCH_SLURM_ACCOUNT", "")
+    preset_file = _throughput_preset(tmp_path, models=["cnn"], modes=["standard"], batch_cap=2)
+    # --verbose: the plugin logs each sbatch call it makes
+    result = run_workflow(tmp_path, *_profile_args(tmp_path / "slurm_logs", "--verbose"), configfile=preset_file)
+
+    calls = re.findall(r"sbatch call: (.*)", result.stdout + result.stderr)
+    assert calls, (result.stdout + result.stderr)[-4000:]
+    assert [call for call in calls if "$" in call or "PRIVBENCH" in call or "--account" in call] == []
+    run_records = [records.read_record(p) for p in (tmp_path / "results/runs/throughput").glob("*.json")]
+    assert run_records and all(r["status"] == "ok" for r in run_records)
+    for job_id in {r["system"]["slurm_job_id"] for r in run_records}:
+        job = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+        assert "Partition=debug" in job  # the cluster's default partition
 
 
 def test_jobs_spread_over_nodes_and_a_lost_node_is_redone(slurm_env, tmp_path):
@@ -166,4 +186,4 @@ def test_jobs_spread_over_nodes_and_a_lost_node_is_redone(slurm_env, tmp_path):
     nodes = {records.read_record(runs_dir / name)["system"]["slurm_node"] for name in after}
     assert len(nodes) >= 2 and nodes <= set(NODES)
     page = (tmp_path / "docs" / "benchmark_results.md").read_text()
-    assert f"{redone_record['metrics']['throughput_sps']:.2f}" in page
+    assert tables.fmt_sps(redone_record['metrics']['throughput_sps']) in page

@@ -126,7 +126,7 @@ def _record_with(tee_evidence) -> dict:
             "system": {"platform": "Linux", "processor": "x", "cpu_count": 2, "python": "3.11", "libraries": {},
                        "gpu": None, "git_commit": None, "container_image": None, "hostname": "h",
                        "tee": tee_evidence},
-            "started_at": "t", "finished_at": "t"}
+            "started_at": "2026-11-30T10:00:00+00:00", "finished_at": "2026-11-30T10:01:00+00:00"}
 
 
 def test_records_and_pages_show_the_evidence(tmp_path):
@@ -140,8 +140,8 @@ def test_records_and_pages_show_the_evidence(tmp_path):
     rows = [aggregate.to_row(_record_with(e)) for e in (attested, unattested, None)]
     frame = pd.DataFrame(rows)
     label = dict(pages.system_rows(frame))["Confidential computing (TEE)"]
-    assert "sev-snp: 1 run(s) attested" in label
-    assert "UNATTESTED: 1 run(s)" in label and "none for 1 run(s)" in label
+    assert "sev-snp: 1 run attested" in label
+    assert "UNATTESTED: 1 run on" in label and "none for 1 run (" in label
 
 
 TEE_HERE = (tee.CONFIGFS_ROOT / "tsm" / "report").is_dir() or tee.SEV_GUEST_DEVICE.exists()
@@ -167,4 +167,4 @@ def test_cvm_runs_without_a_tee_fail_unless_unattested_is_allowed(tmp_path):
     assert allowed["status"] == "ok" and allowed["metrics"]["throughput_sps"] > 0
     assert allowed["system"]["tee"]["status"] == "unattested"
     frame = aggregate.build_table([tmp_path / "unattested" / f"{RUN_ID}.json"])
-    assert "**UNATTESTED: 1 run(s)" in dict(pages.system_rows(frame))["Confidential computing (TEE)"]
+    assert "**UNATTESTED: 1 run on" in dict(pages.system_rows(frame))["Confidential computing (TEE)"]

@@ -45,15 +45,16 @@ def _assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
     )
 
 
+@pytest.mark.parametrize("variant", models.VARIANTS)
 @pytest.mark.parametrize("microbatch_size", [None, 2])
 @pytest.mark.parametrize("model", models.MODELS)
-def test_clipped_grad_sum_jax_matches_naive(model, microbatch_size):
+def test_clipped_grad_sum_jax_matches_naive(model, microbatch_size, variant):
     from flax import nnx
 
     from privbench.training.jax_steps import clipped_grad_sum_jax
 
     family = models.family(model)
-    module = models.build("jax", model, "tiny", seed=0)
+    module = models.build("jax", model, "tiny", seed=0, variant=variant)
     inputs, targets = family.synthetic_batch("tiny", BATCH, "jax", seed=1)
 
     example_grad = nnx.jit(nnx.grad(lambda m, x, y: family.loss_jax(m(*x), y)))
@@ -79,15 +80,18 @@ def test_clipped_grad_sum_jax_matches_naive(model, microbatch_size):
         assert not np.allclose(actual, _naive_clipped_sum(per_microbatch, clip), rtol=1e-2)
 
 
+@pytest.mark.parametrize("variant", models.VARIANTS)
 @pytest.mark.parametrize(
     "model,grad_sample_mode",
     [(model, "hooks") for model in models.MODELS] + [("cnn", "functorch")],
 )
-def test_clipped_grad_sum_torch_matches_naive(model, grad_sample_mode):
+def test_clipped_grad_sum_torch_matches_naive(model, grad_sample_mode, variant):
+    """Every model and variant; the published CNN's channels-last convolutions
+    need privbench.training.dp_methods.fix_opacus_channels_last_conv."""
     from privbench.training.torch_steps import clipped_grad_sum_torch, make_opacus_compatible
 
     family = models.family(model)
-    module = make_opacus_compatible(models.build("torch", model, "tiny", seed=0))
+    module = make_opacus_compatible(models.build("torch", model, "tiny", seed=0, variant=variant))
     inputs, targets = family.synthetic_batch("tiny", BATCH, "torch", seed=1)
 
     per_example = []
@@ -173,6 +177,8 @@ def test_torch_noise_std_on_mean_gradient():
         ({"framework": "torch", "mode": "standard", "microbatch_size": 2}, "not supported for torch standard"),
         ({"settings": {"lr": 1e-3}}, "unknown setting\\(s\\) lr"),
         ({"settings": {"noise_std": -1.0}}, "noise_std=-1.0 must be >= 0"),
+        ({"settings": {"opacus_batches": 0}}, "opacus_batches=0 must be > 0"),
+        ({"model_variant": "faithful"}, "unknown model variant 'faithful'"),
         (
             {"framework": "torch", "settings": {"grad_sample_mode": "ghost"}},
             "grad_sample_mode 'ghost' is not supported",
@@ -198,3 +204,62 @@ def test_missing_dp_package_names_it(monkeypatch, framework, package, pip_name):
     assert isinstance(raised.value, ImportError)
     assert repr(pip_name) in str(raised.value)
     assert "pip install -r envs/requirements.txt" in str(raised.value)
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+@pytest.mark.parametrize("variant", models.VARIANTS)
+def test_trainer_records_its_model_variant(framework, variant):
+    trainer = make_trainer(framework, "diffusion", "tiny", "standard", batch_size=2, model_variant=variant)
+    assert trainer.description["model_variant"] == variant
+
+
+@pytest.mark.parametrize(("opacus_batches", "poisson"), [(None, True), (3, True), (3, False)])
+def test_opacus_gets_the_fixed_batch_repeated(opacus_batches, poisson):
+    """As published: the one batch repeated to 60 batches' worth (sample rate 1/60)."""
+    settings = {"poisson_sampling": poisson, **({} if opacus_batches is None else {"opacus_batches": opacus_batches})}
+    trainer = make_trainer("torch", "cnn", "tiny", "clipped", batch_size=4, settings=settings)
+    copies = opacus_batches or 60
+    assert trainer.description["sample_rate"] == pytest.approx(1 / copies)
+    dataset = trainer._loader.dataset
+    assert len(dataset) == 4 * copies
+    batch = [dataset[i] for i in range(4)]
+    for i in range(4, 4 * copies, 5):
+        for a, b in zip(dataset[i], batch[i % 4]):
+            assert a.equal(b)
+    assert trainer.description["noise_std_effective"] == pytest.approx(0.1)
+    trainer.sync(trainer.step())
+
+
+def test_time_blocks_calibrates_to_the_least_steps_and_seconds():
+    import time
+
+    from privbench.timing import summarise_blocks, time_blocks
+
+    synced = []
+
+    def run(step_s, min_steps, min_seconds, blocks):
+        metrics, calls = {}, []
+
+        def step():
+            time.sleep(step_s)
+            calls.append(1)
+            return len(calls)
+
+        time_blocks(step, synced.append, 1, min_steps, min_seconds, blocks, metrics, lambda _: None)
+        return metrics, len(calls)
+
+    # slow steps: the least number of steps decides (ceil(5 / 3) = 2 in the first block)
+    metrics, calls = run(0.01, 5, 0.0, 3)
+    assert metrics["block_steps"] == [2, 2, 2] and calls == 1 + 6
+    # fast steps: the least seconds decide, in equal blocks after the first
+    synced.clear()
+    metrics, calls = run(0.002, 3, 0.2, 4)
+    first, *rest = metrics["block_steps"]
+    assert first == 1 and len(set(rest)) == 1 and sum(metrics["block_steps"]) >= 0.2 / 0.004
+    assert sum(metrics["block_times_s"]) >= 0.15
+    # one synchronisation per block (plus the warm-up step's), on the block's last step
+    assert synced == [1, *np.cumsum(metrics["block_steps"]) + 1]
+    summary = summarise_blocks(metrics["block_steps"], metrics["block_times_s"], batch_size=8)
+    assert summary["throughput_sps"] == pytest.approx(8 * sum(metrics["block_steps"]) / sum(metrics["block_times_s"]))
+    assert summary["timed_steps_done"] == sum(metrics["block_steps"]) and summary["timing_blocks"] == 4
+    assert summary["min_step_s"] <= summary["mean_step_s"] <= summary["max_step_s"]

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import run_workflow
 from privbench import records
+from privbench.report import tables
 
 pytestmark = pytest.mark.e2e
 
@@ -16,16 +17,21 @@ def test_records_table_chart_and_page_agree(tiny_workflow):
     results = tiny_workflow / "results"
     table = pd.read_csv(results / "tables" / "throughput.csv")
     record_files = sorted((results / "runs" / "throughput").glob("*.json"))
-    assert len(table) == len(record_files) == 2 * 4 * 3 * 2  # frameworks x models x modes x batches
+    # frameworks x models x modes x batches, and a second process (tiny: repeats 2) for the
+    # scorecard's runs: PyTorch standard and clipped, CNN, Transformer, StateSpace, largest batch
+    assert len(table) == len(record_files) == 2 * 4 * 3 * 2 + 3 * 2
+    assert sorted(table.repeat.unique()) == [0, 1] and (table.repeat == 1).sum() == 3 * 2
     assert set(table.status) == {"ok"}
     page = (tiny_workflow / "docs" / "benchmark_results.md").read_text()
     for path in record_files:
         record = records.read_record(path)
         assert record["system"]["python"] and record["metrics"]["step_times_s"]
+        assert record["system"]["load_avg_1m_start"] >= 0 and 0 <= record["system"]["cpu_steal_pct"] <= 100
         row = table[table.run_id == record["run_id"]].iloc[0]
         assert row.throughput_sps == pytest.approx(record["metrics"]["throughput_sps"])
-        # the page shows each measured throughput, formatted as in its table
-        assert f"{record['metrics']['throughput_sps']:.2f}" in page
+        if record["config"]["repeat"] == 0:  # the page's tables show the sweeps' own runs
+            # the page shows each measured throughput, formatted as in its table
+            assert tables.fmt_sps(record["metrics"]["throughput_sps"]) in page
     for model in ("cnn", "transformer", "state_space", "diffusion"):
         chart = tiny_workflow / "assets" / f"throughput_{model}_tiny.png"
         assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

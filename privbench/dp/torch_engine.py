@@ -56,6 +56,7 @@ tensors the engine holds for the clipped sum, by kind (``per_example``,
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -69,6 +70,9 @@ from privbench.dp.torch_rules import RULES, LayerRule, LayerWork, sq_norms_of, v
 
 VJP_FALLBACK, WHOLE_MODEL_FALLBACK = "vjp", "whole_model"
 _VJP_ROUTE = Route(VJP_FALLBACK, keep=True)
+# Below this many noise numbers (a small model) one core draws them: the
+# threads' start-up would cost more than they save.
+PARALLEL_NOISE_MIN_NUMBERS = 1 << 18
 
 
 class PhaseObserver:
@@ -390,6 +394,7 @@ class DPOptimizer:
         self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = expected_batch_size
         self.noise_generator = noise_generator
+        self._noise_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._batch = 0
 
     @property
@@ -436,11 +441,39 @@ class DPOptimizer:
         for param in self.params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-            if std > 0:  # in place: the sums are the engine's own tensors
-                param.grad.add_(torch.randn(param.shape, generator=self.noise_generator, dtype=param.grad.dtype,
-                                            device=param.grad.device), alpha=std)
+        if std > 0:
+            self._add_noise(std)
+        for param in self.params:
             param.grad.div_(divisor)
         self.optimizer.step()
+
+    def _add_noise(self, std: float) -> None:
+        """N(0, std^2) on every ``p.grad``, in place (the sums are the engine's own tensors).
+
+        PyTorch draws CPU normals on one core; on a multi-core CPU the draws
+        for a large model are split across the cores, each part from its own
+        generator seeded from ``noise_generator`` (reproducible from its seed)."""
+        grads = [p.grad for p in self.params]
+        parts = torch.get_num_threads() if all(g.device.type == "cpu" for g in grads) else 1
+        total = sum(g.numel() for g in grads)
+        if parts < 2 or total < PARALLEL_NOISE_MIN_NUMBERS or len({g.dtype for g in grads}) > 1:
+            for grad in grads:
+                grad.add_(torch.randn(grad.shape, generator=self.noise_generator, dtype=grad.dtype,
+                                      device=grad.device), alpha=std)
+            return
+        noise = torch.empty(total, dtype=grads[0].dtype)
+        seeds = torch.randint(0, 2**62, (parts,), generator=self.noise_generator).tolist()
+        bounds = [total * i // parts for i in range(parts + 1)]
+        if self._noise_pool is None:
+            self._noise_pool = concurrent.futures.ThreadPoolExecutor(parts, thread_name_prefix="dp-noise")
+        drawn = [self._noise_pool.submit(noise[start:stop].normal_, generator=torch.Generator().manual_seed(seed))
+                 for seed, start, stop in zip(seeds, bounds, bounds[1:])]
+        for future in drawn:
+            future.result()
+        offset = 0
+        for grad in grads:
+            grad.add_(noise[offset:offset + grad.numel()].view_as(grad), alpha=std)
+            offset += grad.numel()
 
     def step(self, loss_fn: Callable, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         """One update on a batch; returns the batch's mean loss (detached).
@@ -471,8 +504,11 @@ class DPOptimizer:
         return self._engine.kept()
 
     def remove(self) -> None:
-        """Take the engine's hooks off the module."""
+        """Take the engine's hooks off the module (and stop the noise threads)."""
         self._engine.remove()
+        if self._noise_pool is not None:
+            self._noise_pool.shutdown()
+            self._noise_pool = None
 
 
 def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, *, max_grad_norm: float,

@@ -8,14 +8,24 @@ Every family module exposes:
                                       kit's own test size; small/medium/large are
                                       the published ones)
     PUBLISHED_PARAMS: dict[str, int]  published parameter counts per size
-    torch_class() -> the torch.nn.Module class, called with SIZES[size]
-    jax_class() -> the flax.nnx.Module class, called with SIZES[size] and rngs
+    torch_class() -> the torch.nn.Module class, called with SIZES[size] and variant
+    jax_class() -> the flax.nnx.Module class, called with SIZES[size], variant and rngs
     loss_torch(outputs, targets) -> scalar mean loss
     loss_jax(outputs, targets) -> scalar mean loss
     synthetic_batch(size, batch_size, framework, seed) -> (inputs: tuple, targets)
 
 A model is called as ``model(*inputs)``. The framework libraries are imported
 lazily so that a user with only one framework installed can still run the other.
+
+Every family comes in two variants (:data:`VARIANTS`), with the same parameters:
+
+    published   each framework's model as the published benchmark code built it
+                (Flax defaults in JAX: tanh GELU, LayerNorm epsilon 1e-6, bfloat16
+                fused attention, per-pixel LayerNorm in Diffusion; torch: GroupNorm(8)
+                in Diffusion, channels-last CNN convolutions); what the pages that
+                reproduce published figures measure
+    harmonized  the same function in both frameworks (exact GELU, epsilon 1e-5,
+                float32 attention, GroupNorm(32)): for cross-framework checks
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ from types import ModuleType
 MODELS = ("cnn", "transformer", "state_space", "diffusion")
 SIZES = ("tiny", "small", "medium", "large")
 FRAMEWORKS = ("jax", "torch")
+VARIANTS = ("published", "harmonized")
+PUBLISHED, HARMONIZED = VARIANTS
 
 # Display names used in the published pages.
 DISPLAY_NAMES = {
@@ -34,6 +46,22 @@ DISPLAY_NAMES = {
     "state_space": "StateSpace",
     "diffusion": "Diffusion",
 }
+
+
+# torch's LayerNorm / GroupNorm epsilon; the harmonized JAX models take it too.
+TORCH_NORM_EPS = 1e-5
+FLAX_NORM_EPS = 1e-6  # Flax's default, which the published JAX models kept
+
+
+def jax_norm_eps(variant: str) -> float:
+    """The JAX models' norm epsilon: Flax's default as published, torch's when harmonized."""
+    return FLAX_NORM_EPS if variant == PUBLISHED else TORCH_NORM_EPS
+
+
+def jax_gelu_approximate(variant: str) -> bool:
+    """``approximate`` of the JAX models' ``jax.nn.gelu``: Flax's default tanh
+    approximation as published, torch's exact (erf) GELU when harmonized."""
+    return variant == PUBLISHED
 
 
 class UnknownModelError(ValueError):
@@ -57,20 +85,26 @@ def check_size(model: str, size: str) -> None:
         )
 
 
-def build(framework: str, model: str, size: str, seed: int = 0):
-    """Build a fresh model of one family and size in one framework."""
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise UnknownModelError(f"unknown model variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+
+
+def build(framework: str, model: str, size: str, seed: int = 0, variant: str = PUBLISHED):
+    """Build a fresh model of one family, size and variant (:data:`VARIANTS`) in one framework."""
     check_size(model, size)
+    check_variant(variant)
     fam = family(model)
     if framework == "torch":
         import torch
 
         with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
             torch.manual_seed(seed)
-            return fam.torch_class()(**fam.SIZES[size])
+            return fam.torch_class()(**fam.SIZES[size], variant=variant)
     if framework == "jax":
         from flax import nnx
 
-        return fam.jax_class()(**fam.SIZES[size], rngs=nnx.Rngs(seed))
+        return fam.jax_class()(**fam.SIZES[size], variant=variant, rngs=nnx.Rngs(seed))
     raise UnknownModelError(f"unknown framework {framework!r}: choose jax or torch")
 
 

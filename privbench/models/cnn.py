@@ -3,6 +3,11 @@
 Per entry of ``features``: Conv 3x3 SAME -> ReLU -> max-pool 2x2 stride 2;
 then flatten -> Linear(hidden) -> ReLU -> Linear(num_classes). Trained with
 cross-entropy on random labels. JAX takes NHWC images, PyTorch NCHW.
+
+Variants (privbench.models.VARIANTS): the published PyTorch CNN runs its
+convolutions on channels-last images (the original made its images NHWC and
+viewed them as NCHW, so torch picked its channels-last kernels); harmonized
+keeps torch's contiguous NCHW. The JAX CNN is the same in both.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import functools
 
 import numpy as np
 
-from privbench.models import UnknownModelError
+from privbench.models import PUBLISHED, UnknownModelError
 
 # ``input_shape`` is (height, width, channels), the JAX (NHWC) layout.
 SIZES = {
@@ -39,8 +44,9 @@ def torch_class():
     from torch import nn
 
     class CNN(nn.Module):
-        def __init__(self, input_shape, features, hidden, num_classes):
+        def __init__(self, input_shape, features, hidden, num_classes, variant):
             super().__init__()
+            self.channels_last = variant == PUBLISHED
             layers = []
             channels = input_shape[2]
             for out in features:
@@ -55,6 +61,8 @@ def torch_class():
             self.layers = nn.Sequential(*layers)
 
         def forward(self, images: torch.Tensor) -> torch.Tensor:
+            if self.channels_last:  # a no-op for images already stored channels-last
+                images = images.contiguous(memory_format=torch.channels_last)
             return self.layers(images)
 
     return CNN
@@ -66,7 +74,7 @@ def jax_class():
     from flax import nnx
 
     class CNN(nnx.Module):
-        def __init__(self, input_shape, features, hidden, num_classes, *, rngs: nnx.Rngs):
+        def __init__(self, input_shape, features, hidden, num_classes, variant, *, rngs: nnx.Rngs):
             channels = [input_shape[2], *features]
             self.convs = nnx.List(
                 nnx.Conv(c_in, c_out, (3, 3), padding="SAME", rngs=rngs)

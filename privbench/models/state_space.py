@@ -8,14 +8,17 @@ channel, with bias) -> GELU -> Linear(H) -> residual]; final LN -> lm_head
 The convolution is a real ``nn.Conv1d`` (groups = hidden) so that Opacus
 measures its own convolution grad sampler; causality comes from padding
 seq_len - 1 steps on the left and convolving VALID.
+
+Variants (privbench.models.VARIANTS): the published JAX model keeps Flax's
+defaults (LayerNorm epsilon 1e-6, tanh GELU); harmonized gives it torch's
+(epsilon 1e-5, exact GELU). The PyTorch model is the same in both.
 """
 
 from __future__ import annotations
 
 import functools
 
-
-from privbench.models import language
+from privbench.models import TORCH_NORM_EPS, jax_gelu_approximate, jax_norm_eps, language
 
 SIZES = {
     "tiny": {"vocab_size": 50, "hidden": 16, "layers": 1, "seq_len": 8},
@@ -25,10 +28,6 @@ SIZES = {
 }
 
 PUBLISHED_PARAMS = {"small": 777_704, "medium": 2_253_544, "large": 55_585_584}
-
-# PyTorch's LayerNorm default, also given to Flax (whose default is 1e-6) so
-# both frameworks compute the same function.
-LN_EPS = 1e-5
 
 
 @functools.cache
@@ -40,7 +39,7 @@ def torch_class():
     class Block(nn.Module):
         def __init__(self, hidden, seq_len):
             super().__init__()
-            self.ln = nn.LayerNorm(hidden, eps=LN_EPS)
+            self.ln = nn.LayerNorm(hidden, eps=TORCH_NORM_EPS)
             self.conv = nn.Conv1d(hidden, hidden, kernel_size=seq_len, groups=hidden)
             self.proj = nn.Linear(hidden, hidden)
 
@@ -51,11 +50,11 @@ def torch_class():
             return x + self.proj(h)
 
     class StateSpace(nn.Module):
-        def __init__(self, vocab_size, hidden, layers, seq_len):
+        def __init__(self, vocab_size, hidden, layers, seq_len, variant):
             super().__init__()
             self.tokens = nn.Embedding(vocab_size, hidden)
             self.blocks = nn.ModuleList(Block(hidden, seq_len) for _ in range(layers))
-            self.ln_final = nn.LayerNorm(hidden, eps=LN_EPS)
+            self.ln_final = nn.LayerNorm(hidden, eps=TORCH_NORM_EPS)
             self.lm_head = nn.Linear(hidden, vocab_size)
 
         def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -73,8 +72,9 @@ def jax_class():
     from flax import nnx
 
     class Block(nnx.Module):
-        def __init__(self, hidden, seq_len, *, rngs: nnx.Rngs):
-            self.ln = nnx.LayerNorm(hidden, epsilon=LN_EPS, rngs=rngs)
+        def __init__(self, hidden, seq_len, variant, *, rngs: nnx.Rngs):
+            self.approximate = jax_gelu_approximate(variant)
+            self.ln = nnx.LayerNorm(hidden, epsilon=jax_norm_eps(variant), rngs=rngs)
             # Padding (seq_len - 1, 0) on the time axis is the left pad + VALID
             # convolution of the PyTorch version, done inside the conv.
             self.conv = nnx.Conv(hidden, hidden, kernel_size=(seq_len,),
@@ -83,14 +83,14 @@ def jax_class():
             self.proj = nnx.Linear(hidden, hidden, rngs=rngs)
 
         def __call__(self, x: jax.Array) -> jax.Array:
-            h = jax.nn.gelu(self.conv(self.ln(x)), approximate=False)  # torch's exact GELU
+            h = jax.nn.gelu(self.conv(self.ln(x)), approximate=self.approximate)
             return x + self.proj(h)
 
     class StateSpace(nnx.Module):
-        def __init__(self, vocab_size, hidden, layers, seq_len, *, rngs: nnx.Rngs):
+        def __init__(self, vocab_size, hidden, layers, seq_len, variant, *, rngs: nnx.Rngs):
             self.tokens = nnx.Embed(vocab_size, hidden, rngs=rngs)
-            self.blocks = nnx.List(Block(hidden, seq_len, rngs=rngs) for _ in range(layers))
-            self.ln_final = nnx.LayerNorm(hidden, epsilon=LN_EPS, rngs=rngs)
+            self.blocks = nnx.List(Block(hidden, seq_len, variant, rngs=rngs) for _ in range(layers))
+            self.ln_final = nnx.LayerNorm(hidden, epsilon=jax_norm_eps(variant), rngs=rngs)
             self.lm_head = nnx.Linear(hidden, vocab_size, rngs=rngs)
 
         def __call__(self, tokens: jax.Array) -> jax.Array:

@@ -5,11 +5,20 @@ multi-head attention with biases -> residual; LN -> Linear(4H) -> GELU ->
 Linear(H) -> residual]; final LN -> lm_head (with bias, not tied to the token
 embedding). Predicts random tokens with cross-entropy.
 
-Attention is built from plain Linear layers (one fused q/k/v projection and an
-output projection, both with biases: the same parameters as separate q, k, v
-projections) so that Opacus' hooks compute every per-sample gradient with its
+Attention is built from plain Linear layers (q, k, v and output projections,
+with biases) so that Opacus' hooks compute every per-sample gradient with its
 Linear grad sampler. The position embedding is an Embedding layer, not a bare
 parameter, for the same reason.
+
+Variants (privbench.models.VARIANTS), with the same parameters:
+
+    published   separate q, k, v projections in both frameworks; JAX keeps
+                Flax's defaults (LayerNorm epsilon 1e-6, tanh GELU) and runs
+                q, k, v in bfloat16 through JAX's fused causal attention
+                (``jax.nn.dot_product_attention``: cuDNN on a GPU), the output
+                back in float32; torch: float32, epsilon 1e-5, exact GELU
+    harmonized  one fused q/k/v projection, float32 attention, epsilon 1e-5 and
+                exact GELU in both frameworks
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from __future__ import annotations
 import functools
 
 
-from privbench.models import language
+from privbench.models import PUBLISHED, TORCH_NORM_EPS, jax_gelu_approximate, jax_norm_eps, language
 
 SIZES = {
     "tiny": {"vocab_size": 50, "hidden": 16, "heads": 2, "layers": 1, "seq_len": 8},
@@ -28,10 +37,6 @@ SIZES = {
 
 PUBLISHED_PARAMS = {"small": 2_158_568, "medium": 11_514_856, "large": 131_362_608}
 
-# PyTorch's LayerNorm default, also given to Flax (whose default is 1e-6) so
-# both frameworks compute the same function.
-LN_EPS = 1e-5
-
 
 @functools.cache
 def torch_class():
@@ -40,23 +45,24 @@ def torch_class():
     from torch import nn
 
     class Block(nn.Module):
-        def __init__(self, hidden, heads):
+        def __init__(self, hidden, heads, variant):
             super().__init__()
             self.heads = heads
-            self.ln_attn = nn.LayerNorm(hidden, eps=LN_EPS)
-            self.qkv = nn.Linear(hidden, 3 * hidden)
+            self.ln_attn = nn.LayerNorm(hidden, eps=TORCH_NORM_EPS)
+            if variant == PUBLISHED:
+                self.q, self.k, self.v = (nn.Linear(hidden, hidden) for _ in range(3))
+            else:
+                self.qkv = nn.Linear(hidden, 3 * hidden)
             self.attn_out = nn.Linear(hidden, hidden)
-            self.ln_mlp = nn.LayerNorm(hidden, eps=LN_EPS)
+            self.ln_mlp = nn.LayerNorm(hidden, eps=TORCH_NORM_EPS)
             self.mlp_in = nn.Linear(hidden, 4 * hidden)
             self.mlp_out = nn.Linear(4 * hidden, hidden)
 
         def attention(self, x: torch.Tensor) -> torch.Tensor:
             batch, length, hidden = x.shape
-            # (B, T, 3H) -> three (B, heads, T, head_dim) tensors.
-            q, k, v = (
-                self.qkv(x).view(batch, length, 3, self.heads, hidden // self.heads)
-                .permute(2, 0, 3, 1, 4)
-            )
+            qkv = self.qkv(x).chunk(3, dim=-1) if hasattr(self, "qkv") else (self.q(x), self.k(x), self.v(x))
+            # each (B, T, H) -> (B, heads, T, head_dim)
+            q, k, v = (t.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2) for t in qkv)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             return self.attn_out(y.transpose(1, 2).reshape(batch, length, hidden))
 
@@ -65,12 +71,12 @@ def torch_class():
             return x + self.mlp_out(F.gelu(self.mlp_in(self.ln_mlp(x))))
 
     class Transformer(nn.Module):
-        def __init__(self, vocab_size, hidden, heads, layers, seq_len):
+        def __init__(self, vocab_size, hidden, heads, layers, seq_len, variant):
             super().__init__()
             self.tokens = nn.Embedding(vocab_size, hidden)
             self.positions = nn.Embedding(seq_len, hidden)
-            self.blocks = nn.ModuleList(Block(hidden, heads) for _ in range(layers))
-            self.ln_final = nn.LayerNorm(hidden, eps=LN_EPS)
+            self.blocks = nn.ModuleList(Block(hidden, heads, variant) for _ in range(layers))
+            self.ln_final = nn.LayerNorm(hidden, eps=TORCH_NORM_EPS)
             self.lm_head = nn.Linear(hidden, vocab_size)
 
         def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -93,37 +99,43 @@ def jax_class():
     import jax.numpy as jnp
     from flax import nnx
 
-    def gelu(x):
-        return jax.nn.gelu(x, approximate=False)  # the exact GELU, as torch's default
-
     class Block(nnx.Module):
-        def __init__(self, hidden, heads, *, rngs: nnx.Rngs):
+        def __init__(self, hidden, heads, variant, *, rngs: nnx.Rngs):
             self.heads = heads
-            self.ln_attn = nnx.LayerNorm(hidden, epsilon=LN_EPS, rngs=rngs)
-            self.qkv = nnx.Linear(hidden, 3 * hidden, rngs=rngs)
+            self.approximate = jax_gelu_approximate(variant)
+            # The published attention: q, k, v in bfloat16, JAX's fused kernel.
+            self.attention_dtype = jnp.bfloat16 if variant == PUBLISHED else jnp.float32
+            eps = jax_norm_eps(variant)
+            self.ln_attn = nnx.LayerNorm(hidden, epsilon=eps, rngs=rngs)
+            if variant == PUBLISHED:
+                self.q, self.k, self.v = (nnx.Linear(hidden, hidden, rngs=rngs) for _ in range(3))
+            else:
+                self.qkv = nnx.Linear(hidden, 3 * hidden, rngs=rngs)
             self.attn_out = nnx.Linear(hidden, hidden, rngs=rngs)
-            self.ln_mlp = nnx.LayerNorm(hidden, epsilon=LN_EPS, rngs=rngs)
+            self.ln_mlp = nnx.LayerNorm(hidden, epsilon=eps, rngs=rngs)
             self.mlp_in = nnx.Linear(hidden, 4 * hidden, rngs=rngs)
             self.mlp_out = nnx.Linear(4 * hidden, hidden, rngs=rngs)
 
         def attention(self, x: jax.Array) -> jax.Array:
             batch, length, hidden = x.shape
-            # (B, T, 3H) -> three (B, T, heads, head_dim) arrays.
-            qkv = self.qkv(x).reshape(batch, length, 3, self.heads, hidden // self.heads)
-            q, k, v = (qkv[:, :, i] for i in range(3))
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            qkv = jnp.split(self.qkv(x), 3, axis=-1) if hasattr(self, "qkv") else (self.q(x), self.k(x), self.v(x))
+            # each (B, T, H) -> (B, T, heads, head_dim)
+            q, k, v = (t.reshape(batch, length, self.heads, hidden // self.heads).astype(self.attention_dtype)
+                       for t in qkv)
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True).astype(x.dtype)
             return self.attn_out(y.reshape(batch, length, hidden))
 
         def __call__(self, x: jax.Array) -> jax.Array:
             x = x + self.attention(self.ln_attn(x))
-            return x + self.mlp_out(gelu(self.mlp_in(self.ln_mlp(x))))
+            h = jax.nn.gelu(self.mlp_in(self.ln_mlp(x)), approximate=self.approximate)
+            return x + self.mlp_out(h)
 
     class Transformer(nnx.Module):
-        def __init__(self, vocab_size, hidden, heads, layers, seq_len, *, rngs: nnx.Rngs):
+        def __init__(self, vocab_size, hidden, heads, layers, seq_len, variant, *, rngs: nnx.Rngs):
             self.tokens = nnx.Embed(vocab_size, hidden, rngs=rngs)
             self.positions = nnx.Embed(seq_len, hidden, rngs=rngs)
-            self.blocks = nnx.List(Block(hidden, heads, rngs=rngs) for _ in range(layers))
-            self.ln_final = nnx.LayerNorm(hidden, epsilon=LN_EPS, rngs=rngs)
+            self.blocks = nnx.List(Block(hidden, heads, variant, rngs=rngs) for _ in range(layers))
+            self.ln_final = nnx.LayerNorm(hidden, epsilon=jax_norm_eps(variant), rngs=rngs)
             self.lm_head = nnx.Linear(hidden, vocab_size, rngs=rngs)
 
         def __call__(self, tokens: jax.Array) -> jax.Array:

@@ -20,6 +20,15 @@ def fmt(value, digits: int = 2, missing: str = "-") -> str:
     return f"{value:,.{digits}f}"
 
 
+# Throughput (samples/s) everywhere on the pages: one decimal, thousands separated.
+SPS_DIGITS = 1
+
+
+def fmt_sps(value, missing: str = "-") -> str:
+    """A throughput as every page writes it (reproduced and published alike)."""
+    return fmt(value, SPS_DIGITS, missing)
+
+
 def fmt_ratio(value, missing: str = "-") -> str:
     return missing if is_missing(value) else f"{value:.2f}x"
 
@@ -50,4 +59,4 @@ def throughput_cell(row) -> str:
     if row["status"] != "ok":
         return STATUS_LABELS[row["status"]]
     spread = f" ±{100 * row['cv_step']:.0f}%" if not is_missing(row.get("cv_step")) else ""
-    return f"{row['throughput_sps']:.2f}{spread}"
+    return f"{fmt_sps(row['throughput_sps'])}{spread}"

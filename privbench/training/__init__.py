@@ -22,7 +22,7 @@ import importlib
 from typing import Protocol
 
 from privbench.errors import MissingDependencyError
-from privbench.models import FRAMEWORKS, check_size
+from privbench.models import FRAMEWORKS, PUBLISHED, check_size, check_variant
 from privbench.training import dp_methods
 
 MODES = ("standard", *dp_methods.NAMES)
@@ -35,6 +35,9 @@ DEFAULT_SETTINGS = {
     "noise_std": 0.1,  # std of the noise on the *mean* clipped gradient
     "grad_sample_mode": "hooks",  # Opacus only
     "poisson_sampling": True,  # Opacus only
+    # Opacus only: its data set is the fixed batch repeated to this many batches'
+    # worth, so the sample rate is 1 / opacus_batches (published: 60)
+    "opacus_batches": 60,
 }
 
 # (framework, trainer kind) -> "module:factory": "standard", or the kind of
@@ -89,8 +92,10 @@ def make_trainer(
     settings: dict | None = None,
     seed: int = 0,
     device: str = "cpu",
+    model_variant: str = PUBLISHED,
 ) -> Trainer:
-    """Build a trainer for one (framework, model, size, mode) configuration."""
+    """Build a trainer for one (framework, model, size, mode) configuration, on the
+    model's ``model_variant`` (privbench.models.VARIANTS)."""
     if framework not in FRAMEWORKS:
         raise ValueError(
             f"unknown framework {framework!r}: choose one of {', '.join(FRAMEWORKS)}"
@@ -104,6 +109,7 @@ def make_trainer(
             f"{', '.join(available)}"
         )
     check_size(model, size)
+    check_variant(model_variant)
     if not _is_positive_int(batch_size):
         raise ValueError(f"batch size {batch_size!r} must be a positive integer")
     if microbatch_size is not None:
@@ -130,7 +136,7 @@ def make_trainer(
             f"known settings are {', '.join(DEFAULT_SETTINGS)}"
         )
     settings = {**DEFAULT_SETTINGS, **(settings or {})}
-    for key, minimum in (("learning_rate", 0), ("l2_clip_norm", 0)):
+    for key, minimum in (("learning_rate", 0), ("l2_clip_norm", 0), ("opacus_batches", 0)):
         if not settings[key] > minimum:
             raise ValueError(f"setting {key}={settings[key]!r} must be > {minimum}")
     if not settings["noise_std"] >= 0:
@@ -148,6 +154,7 @@ def make_trainer(
             settings=settings,
             seed=seed,
             device=device,
+            variant=model_variant,
         )
 
 

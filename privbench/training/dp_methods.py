@@ -18,6 +18,7 @@ presets' checks all take the vocabulary from here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,6 +57,22 @@ def check_grad_sample_mode(grad_sample_mode: str) -> None:
 
 # --------------------------------------------------------------------------- torch
 
+@functools.cache
+def fix_opacus_channels_last_conv() -> None:
+    """Opacus 1.6's Conv2d grad sampler unfolds activations with ``as_strided`` as if
+    they were contiguous NCHW: on channels-last activations (the published PyTorch
+    CNN's) its per-example weight gradients are wrong. Once per process, register in
+    Opacus' registry a wrapper that hands it a contiguous copy (a no-op for NCHW)."""
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+    from opacus.grad_sample.utils import register_grad_sampler
+    from torch import nn
+
+    @register_grad_sampler(nn.Conv2d)
+    def contiguous_conv_grad_sample(layer, activations, backprops):
+        return compute_conv_grad_sample(layer, [a.contiguous() for a in activations], backprops)
+
+
+
 def opacus_private(module, optimizer, data_loader, *, noise_multiplier: float, max_grad_norm: float,
                    grad_sample_mode: str = "hooks", poisson_sampling: bool = True, noise_generator=None,
                    accountant: str = "prv", criterion=None) -> tuple:
@@ -63,6 +80,7 @@ def opacus_private(module, optimizer, data_loader, *, noise_multiplier: float, m
     Opacus' wrapped criterion when one is given (its ghost-clipping path)."""
     from opacus import PrivacyEngine
 
+    fix_opacus_channels_last_conv()
     if criterion is None:
         check_grad_sample_mode(grad_sample_mode)
     extra = {} if criterion is None else {"criterion": criterion}

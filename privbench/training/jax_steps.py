@@ -59,11 +59,11 @@ class _Trainer:
 
     grad_sample_mode = None
 
-    def __init__(self, *, mode, model, size, batch_size, microbatch_size, settings, seed, device):
+    def __init__(self, *, mode, model, size, batch_size, microbatch_size, settings, seed, device, variant):
         self.mode = mode  # "standard" or a DP method of privbench.training.dp_methods
         family = models.family(model)
         dev = jax_device(device)
-        module = models.build("jax", model, size, seed)
+        module = models.build("jax", model, size, seed, variant)
         graphdef, params, rest = nnx.split(module, nnx.Param, ...)
         inputs, targets = family.synthetic_batch(size, batch_size, "jax", seed)
 
@@ -86,6 +86,7 @@ class _Trainer:
             "framework": "jax",
             "model": model,
             "size": size,
+            "model_variant": variant,
             "mode": self.mode,
             "batch_size": batch_size,
             "param_count": models.count_params("jax", module),
@@ -112,6 +113,13 @@ class _Trainer:
     def param_arrays(self) -> list[np.ndarray]:
         """Host copies of the current parameters (for checks, not timing)."""
         return [np.asarray(x) for x in jax.tree.leaves(self._params)]
+
+    def compiled_memory_bytes(self) -> int:
+        """The compiled update's tensor memory as XLA plans it: arguments + outputs +
+        temporaries, less the outputs that reuse donated arguments."""
+        stats = self._update.lower(self._params, self._opt_state, self._rest, *self._batch).compile().memory_analysis()
+        return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+                - stats.alias_size_in_bytes)
 
 
 class StandardTrainer(_Trainer):

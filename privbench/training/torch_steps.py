@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from privbench import models
 from privbench.training import dp_methods
@@ -13,9 +13,23 @@ from privbench.training import dp_methods
 # differs from optax.adamw's (1e-4); the published code used each default.
 WEIGHT_DECAY = 1e-2
 
-# The Poisson-sampled data set holds this many batches' worth of examples, so
-# that the sample rate is 1 / POISSON_BATCHES and the expected batch is B.
-POISSON_BATCHES = 4
+
+
+class RepeatedBatch(Dataset):
+    """One fixed batch repeated ``copies`` times, as the published Opacus runs fed
+    Opacus (sample rate 1 / copies, expected batch B), without copying it:
+    example i is the batch's example i mod B."""
+
+    def __init__(self, tensors: tuple, copies: int):
+        self._tensors = tensors
+        self._batch = len(tensors[0])
+        self._copies = copies
+
+    def __len__(self) -> int:
+        return self._batch * self._copies
+
+    def __getitem__(self, index: int) -> tuple:
+        return tuple(t[index % self._batch] for t in self._tensors)
 
 
 def make_opacus_compatible(module: torch.nn.Module) -> torch.nn.Module:
@@ -49,6 +63,7 @@ def clipped_grad_sum_torch(
     from opacus.optimizers import DPOptimizer
 
     dp_methods.check_grad_sample_mode(grad_sample_mode)
+    dp_methods.fix_opacus_channels_last_conv()
     params = [p for p in module.parameters() if p.requires_grad]
     wrapped = prepare_module(
         module, grad_sample_mode, batch_first=True, loss_reduction="mean"
@@ -80,12 +95,13 @@ class _Trainer:
     def sync(self, handle) -> None:
         _synchronize(self._device)
 
-    def _build(self, model, size, batch_size, seed, device) -> None:
+    def _build(self, model, size, batch_size, seed, device, variant) -> None:
         """The model and one fixed synthetic batch, on ``device``."""
         family = models.family(model)
         self._device = torch.device(device)
         self._loss = family.loss_torch
-        self._module = models.build("torch", model, size, seed).to(self._device)
+        self._variant = variant
+        self._module = models.build("torch", model, size, seed, variant).to(self._device)
         inputs, targets = family.synthetic_batch(size, batch_size, "torch", seed)
         self._inputs = tuple(x.to(self._device) for x in inputs)
         self._targets = targets.to(self._device)
@@ -99,6 +115,7 @@ class _Trainer:
             "framework": "torch",
             "model": model,
             "size": size,
+            "model_variant": self._variant,
             "mode": self.mode,
             "batch_size": batch_size,
             "param_count": models.count_params("torch", module),
@@ -113,9 +130,9 @@ class _Trainer:
 class StandardTrainer(_Trainer):
     """Gradient of the mean loss on one in-memory batch, AdamW."""
 
-    def __init__(self, *, mode, model, size, batch_size, microbatch_size, settings, seed, device):
+    def __init__(self, *, mode, model, size, batch_size, microbatch_size, settings, seed, device, variant):
         self.mode = mode
-        self._build(model, size, batch_size, seed, device)
+        self._build(model, size, batch_size, seed, device, variant)
         self._optimizer = torch.optim.AdamW(
             self._module.parameters(), lr=settings["learning_rate"]
         )
@@ -141,7 +158,7 @@ class ClippedTrainer(_Trainer):
     gradients are summed before the one noisy update of the logical batch.
     """
 
-    def __init__(self, *, mode, model, size, batch_size, microbatch_size, settings, seed, device):
+    def __init__(self, *, mode, model, size, batch_size, microbatch_size, settings, seed, device, variant):
         self.mode = mode
         from opacus.utils.batch_memory_manager import wrap_data_loader
 
@@ -149,12 +166,12 @@ class ClippedTrainer(_Trainer):
         family = models.family(model)
         self._device = torch.device(device)
         self._loss = family.loss_torch
-        module = make_opacus_compatible(models.build("torch", model, size, seed))
+        self._variant = variant
+        module = make_opacus_compatible(models.build("torch", model, size, seed, variant))
         module = module.to(self._device)
-        inputs, targets = family.synthetic_batch(
-            size, POISSON_BATCHES * batch_size, "torch", seed
-        )
-        dataset = TensorDataset(*(x.to(self._device) for x in inputs), targets.to(self._device))
+        inputs, targets = family.synthetic_batch(size, batch_size, "torch", seed)
+        copies = settings["opacus_batches"]
+        dataset = RepeatedBatch((*(x.to(self._device) for x in inputs), targets.to(self._device)), copies)
         # The DPDataLoader that make_private builds inherits this generator, so
         # the Poisson sampling is seeded without touching torch's global RNG.
         loader = DataLoader(
@@ -188,6 +205,7 @@ class ClippedTrainer(_Trainer):
             noise_std_effective=noise_multiplier * clip / self._optimizer.expected_batch_size,
             noise_multiplier=noise_multiplier,
             poisson_sampling=settings["poisson_sampling"],
+            sample_rate=1 / copies,
         )
 
     def _next_batch(self):
@@ -218,9 +236,9 @@ class FastDPTrainer(_Trainer):
     per-example clipping by the kit's engine, noise of std noise_std on the
     averaged gradient (as in the clipped mode), its routes in the description."""
 
-    def __init__(self, *, mode, model, size, batch_size, microbatch_size, settings, seed, device):
+    def __init__(self, *, mode, model, size, batch_size, microbatch_size, settings, seed, device, variant):
         self.mode = mode
-        self._build(model, size, batch_size, seed, device)
+        self._build(model, size, batch_size, seed, device, variant)
         clip = settings["l2_clip_norm"]
         noise_multiplier = dp_methods.noise_multiplier(settings["noise_std"], batch_size, clip)
         self._dp = dp_methods.builder("torch", self.mode)(

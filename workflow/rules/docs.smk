@@ -1,8 +1,12 @@
 # The docs index and the static site.
 
 rule docs_index:
+    input:
+        # the index's reproduction scorecard gathers every page's claims from their tables
+        [f"{RESULTS}/tables/{name}.csv" for name in config["experiments"]],
     output:
         f"{DOCS}/index.md",
+        f"{ASSETS}/{privbench_scorecard.INDEX_CHART}",
     params:
         config=CONFIG_JSON,
     log:

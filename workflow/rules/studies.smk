@@ -22,9 +22,11 @@ for study in config["experiments"]:
             mem_mb=lambda wc, study=study: privbench_curves.memory_mb(curves_of(study)[wc.curve]),
             runtime=lambda wc, study=study: privbench_curves.runtime_min(curves_of(study)[wc.curve]),
             gpu=run_gpus(),
+            **slurm_site_resources(),
         shell:
+            # 3>&2: one line per finished run on Snakemake's terminal too (privbench.progress)
             "{PY} -m privbench sweep --curve-json {params.curve:q} --records-dir {params.records}"
-            " --output {output} > {log} 2>&1"
+            " --output {output} --progress-fd 3 3>&2 > {log} 2>&1"
 
     rule:
         name: f"{study}_table"

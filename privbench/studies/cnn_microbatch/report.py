@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from privbench import models, records
-from privbench.report import charts, pages, tables
+from privbench.report import charts, pages, scorecard, tables
+from privbench.studies import measuring
 from privbench.studies.cnn_microbatch.plan import FAST_DP, MODEL, NAME, PAGE, PUBLISHED, TITLE, chart_name, fast_dp_on
 from privbench.memory import PROCESS_PEAK
 
@@ -34,7 +35,7 @@ def _outcome(row) -> str:
     (a timeout saying how long the run was given)."""
     if row is None:
         return "not run"
-    return row["message"] if row["status"] == "timeout" else tables.throughput_cell(row)
+    return (row["message"] if row["status"] == "timeout" else tables.throughput_cell(row)) + pages.noise_mark(row)
 
 
 def _percent(value) -> str:
@@ -99,13 +100,13 @@ class _Case:
 
 def _published_cells(published: dict, mode: str, microbatch: str) -> list[str]:
     if mode == "Standard":
-        return [tables.fmt(published["standard"]), "100.0%"]
+        return [tables.fmt_sps(published["standard"]), "100.0%"]
     if mode == FAST_DP_LABEL:  # the kit's own mode: not on the published page
         return ["-", "-"]
     value = published["clipped"].get(int(microbatch))
     if value is None:
         return [published.get("clipped_status", "-"), "-"]
-    return [tables.fmt(value), _percent(value / published["standard"])]
+    return [tables.fmt_sps(value), _percent(value / published["standard"])]
 
 
 def _cost_lines(views: list[_Case], published: dict) -> list[str]:
@@ -120,10 +121,10 @@ def _cost_lines(views: list[_Case], published: dict) -> list[str]:
             continue
         low, high = min(shares), max(shares)
         line = (f"{FRAMEWORK_LABELS[framework]}: clipped training ran at {100 * low:.1f}-{100 * high:.1f}% "
-                f"of standard throughput across {len(shares)} clipped run(s)")
+                f"of standard throughput across {pages.plural(len(shares), 'clipped run')}")
         outpaced = sum(s >= 1 for s in shares)
         if outpaced:  # per-example work makes a step slower, never faster: the timings were disturbed
-            line += (f"; {outpaced} clipped run(s) outpaced the standard run, which per-example clipping "
+            line += (f"; {pages.plural(outpaced, 'clipped run')} outpaced the standard run, which per-example clipping "
                      "should not allow: treat those timings as disturbed and compare the spreads.")
         else:
             line += f", i.e. clipping cost {100 * (1 - high):.0f}-{100 * (1 - low):.0f}% of it."
@@ -187,11 +188,11 @@ def _microbatch_findings(view: _Case) -> dict | None:
 def _finding_line(f: dict) -> str:
     margin = (f"{100 * f['margin']:.0f}% (the larger of {100 * CLOSE:.0f}% and the two runs' "
               "step-time spreads together)")
-    speed = (f"microbatch {f['fastest']} was fastest ({f['fastest_sps']:.2f} samples/s), "
-             f"{f['gain']:.2f}x the throughput of microbatch {f['largest']} ({f['largest_sps']:.2f}), "
+    speed = (f"microbatch {f['fastest']} was fastest ({tables.fmt_sps(f['fastest_sps'])} samples/s), "
+             f"{f['gain']:.2f}x the throughput of microbatch {f['largest']} ({tables.fmt_sps(f['largest_sps'])}), "
              f"more than the margin of {margin}"
              if not f["largest_is_fastest"] else
-             f"no smaller microbatch beat microbatch {f['largest']} ({f['largest_sps']:.2f} samples/s) "
+             f"no smaller microbatch beat microbatch {f['largest']} ({tables.fmt_sps(f['largest_sps'])} samples/s) "
              f"by more than {margin}")
     memory = (f"peak memory (added by the run) went from {f['memory_largest']:,.0f} MB at microbatch "
               f"{f['largest']} to {f['memory_smallest']:,.0f} MB at {f['smallest']}")
@@ -223,18 +224,39 @@ def _recommendation(findings: list[dict], published: dict) -> str:
     return f"{speed} {memory}"
 
 
-def _chart(views: list[_Case], case: dict, published: dict | None, assets_dir: Path) -> None:
+def _chart(views: list[_Case], case: dict, published: dict | None, machine: str, assets_dir: Path) -> None:
     series = {f"{v.framework} clipped": [(m, _sps(r), r["status"]) for m, r in v.clipped.items() if r is not None]
               for v in views}
     published_series = ({"jax clipped": sorted(published["clipped"].items())}
                         if published and published["clipped"] else None)
-    standard = ", ".join(f"{v.framework} {tables.fmt(_sps(v.standard))}" for v in views)
+    standard = ", ".join(f"{v.framework} {tables.fmt_sps(_sps(v.standard))}" for v in views)
     # the kit's fast DP-SGD takes no microbatch size: a horizontal line across the axis
     references = {f"{v.framework} fast DP (kit, no microbatches)": (_sps(v.fast_dp), v.fast_dp["status"])
                   for v in views if v.fast_dp is not None}
     charts.sweep_chart(series, f"CNN {case['size']}, batch {case['batch_size']}: clipped throughput "
                        f"(standard: {standard} samples/s)", "samples / s", assets_dir / chart_name(case),
-                       published_series, xlabel="microbatch size", references=references)
+                       machine, published_series, xlabel="microbatch size", references=references)
+
+
+def claims(config: dict, runs: pd.DataFrame, published: dict) -> list[scorecard.Claim]:
+    """The scorecard's claims, JAX as published, per published case: clipped / standard throughput
+    at each microbatch size, and each smaller microbatch's clipped throughput / the whole batch's."""
+    out = []
+    for ref in (p for p in published["cases"] if p["clipped"]):
+        whole = ref["batch_size"]
+        case = {"task": "throughput", "framework": "jax", "size": ref["size"], "batch_size": whole}
+        clipped = {m: {**case, "mode": "clipped", "microbatch_size": m} for m in ref["clipped"]}
+        label = f"CNN {ref['size']}, batch {whole}"
+        for m, sps in ref["clipped"].items():
+            out.append(scorecard.Claim(
+                f"{label}, microbatch {m}: JAX clipped (jax-privacy) / standard throughput", sps / ref["standard"],
+                pages.claim_values(runs, clipped[m], {**case, "mode": "standard"}), page=TITLE))
+        for m, sps in ref["clipped"].items():
+            if m != whole and whole in ref["clipped"]:
+                out.append(scorecard.Claim(
+                    f"{label}: JAX clipped throughput, microbatch {m} / whole batch (microbatch {whole})",
+                    sps / ref["clipped"][whole], pages.claim_values(runs, clipped[m], clipped[whole]), page=TITLE))
+    return out
 
 
 # ---- JAXPR section
@@ -317,14 +339,15 @@ def _jaxpr_context(captures: list[dict], published: dict, frame: pd.DataFrame, s
 
 
 def report(config: dict, table_path: str | Path) -> None:
-    section, frame, published, assets_dir, docs_dir = pages.study_inputs(config, NAME, PUBLISHED, table_path)
+    section, frame, published, assets_dir, docs_dir, all_runs = pages.study_inputs(config, NAME, PUBLISHED,
+                                                                                   table_path)
     runs = frame[frame.task == "throughput"]
 
     cases, all_views = [], []
     for case in section["cases"]:
         views = [_Case(runs, framework, case) for framework in section["frameworks"]]
         ref = _published_case(published, case)
-        _chart(views, case, ref, assets_dir)
+        _chart(views, case, ref, charts.machine_label(runs), assets_dir)
         params = runs[(runs["size"] == case["size"])].param_count.dropna()
         cases.append({
             "size": case["size"], "batch_size": case["batch_size"],
@@ -341,14 +364,14 @@ def report(config: dict, table_path: str | Path) -> None:
     captures, failed_captures = _jaxpr_captures(frame)
     memory_sources = sorted(set(runs.memory_source.dropna())) if "memory_source" in runs else []
     context = {
-        "title": TITLE, "preset": config["preset"], "published": published, "runs": len(frame),
+        "title": TITLE, "preset": config["preset"], "published": published, **pages.runs_context(all_runs),
         "status_summary": ", ".join(f"{n} {status}" for status, n in frame.status.value_counts().items()),
-        "system": pages.system_rows_beside(frame, {"Platform": published["system"]}, unstated="-"),
+        "system": pages.system_rows_beside(all_runs, {"Platform": published["system"]}, unstated="-"),
         "frameworks": [FRAMEWORK_LABELS[f] for f in section["frameworks"]],
         "torch": "torch" in section["frameworks"],
-        "settings": section["settings"], "warmup_steps": section["warmup_steps"],
-        "timed_steps": section["timed_steps"], "memory_budget_mb": config["run"]["memory_budget_mb"],
+        "settings": section["settings"], "memory_budget_mb": config["run"]["memory_budget_mb"],
         "timeout_s": tables.fmt(config["run"]["timeout_s"], 0),
+        "code": measuring.published_code_facts(section, all_runs),
         "process_peak_used": PROCESS_PEAK in memory_sources,
         "memory_sources": "; ".join(memory_sources) or "not measured",
         "cost_lines": _cost_lines(all_views, published),
@@ -360,5 +383,7 @@ def report(config: dict, table_path: str | Path) -> None:
         "cases": cases,
         "jaxpr": _jaxpr_context(captures, published, frame, section),
         "jaxpr_failed": failed_captures,
+        "scorecard": scorecard.section(claims(config, all_runs, published), TITLE, all_runs, assets_dir,
+                                       scorecard.chart_name(NAME)),
     }
     pages.render("cnn_benchmark_results.md.j2", context, docs_dir / PAGE)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from privbench import models
-from privbench.report import charts, pages, tables
+from privbench.report import charts, pages, scorecard, tables
 from privbench.studies.memory_profile.plan import (COMPONENTS, MB, METHOD_LABELS, METHODS, MODEL, NAME, PAGE,
                                                    PHASES, POINT_LABELS, POINTS, PUBLISHED, PUBLISHED_ONLY_LABELS,
                                                    SHORT_LABELS, TITLE, breakdown_chart_name, timeline_chart_name)
@@ -19,7 +19,7 @@ TARGETS = {"time_vs_vanilla": 1.10, "peak_vs_vanilla": 1.05}
 GRAM_ITEMSIZE = 4  # float32: the kit's models train in float32
 
 
-def _timeline_chart(results: dict[str, dict], title: str, path: Path) -> None:
+def _timeline_chart(results: dict[str, dict], title: str, machine: str, path: Path) -> None:
     fig, ax = charts.plt.subplots(figsize=(7.5, 4.2))
     for i, (method, metrics) in enumerate(results.items()):
         color = f"C{i % 10}"
@@ -32,13 +32,13 @@ def _timeline_chart(results: dict[str, dict], title: str, path: Path) -> None:
                    "step\n(peak)", "after\nstep"], fontsize=8)
     ax.set_ylabel("memory held by tensors (MB)")
     ax.set_ylim(bottom=0)
-    ax.set_title(title, fontsize=10)
+    charts.titles(ax, title, machine)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    charts.legend_outside(ax)
     charts.save(fig, path)
 
 
-def _breakdown_chart(results: dict[str, dict], title: str, path: Path) -> None:
+def _breakdown_chart(results: dict[str, dict], title: str, machine: str, path: Path) -> None:
     points = ("after_forward", "after_backward")
     fig, ax = charts.plt.subplots(figsize=(max(8, 1.5 * len(results) + 1), 4.5))
     width = 0.38
@@ -54,8 +54,8 @@ def _breakdown_chart(results: dict[str, dict], title: str, path: Path) -> None:
                   label="peak of the step" if i == 0 else None)
     ax.set_xticks(range(len(results)), [SHORT_LABELS[m] for m in results], fontsize=8)
     ax.set_ylabel("MB")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    charts.titles(ax, title, machine)
+    charts.legend_outside(ax)
     charts.save(fig, path)
 
 
@@ -194,11 +194,35 @@ def _published_row(label: str, ref: dict | None, ref_vanilla: dict) -> list[str]
             tables.fmt_ratio(ref["step_ms"] / ref_vanilla["step_ms"] if ref else None)]
 
 
+# Each published method: its name, and the run that reproduces it (the kit engine stands in for
+# the kit's former Flash Clipping, which it supersedes).
+PUBLISHED_METHODS = {"ghost": ("Ghost Clipping (Opacus)", "ghost"), "flash": ("Flash Clipping", "fast_dp")}
+# The published figures' keys: what they are and the table's column measuring them.
+RATIOS = {"peak_memory_mb": ("peak memory", "peak_memory_mb"), "step_ms": ("time per step", "mean_step_s")}
+
+
+def claims(config: dict, runs, published: dict) -> list[scorecard.Claim]:
+    """The scorecard's claims: each published DP method's peak memory and time per step over
+    vanilla's. The published page names neither model nor batch, so none is comparable."""
+    gpu = () if config["platform"] == "cuda" else ("published on a GPU (allocator peak), this run on a CPU",)
+    refs = published["methods"]
+    out = []
+    for method, (name, run) in PUBLISHED_METHODS.items():
+        stand_in = (f"measured by the {METHOD_LABELS[run]}",) if run != method else ()
+        for key, (what, column) in RATIOS.items():
+            out.append(scorecard.Claim(
+                f"{name}: {what} / vanilla's", refs[method][key] / refs["vanilla"][key],
+                pages.claim_values(runs, {"method": run}, {"method": "vanilla"}, column),
+                scorecard.differences(*gpu, "the published page states no model or batch size", *stand_in), TITLE))
+    return out
+
+
 def report(config: dict, table_path: str | Path) -> None:
     from privbench import records
     from privbench.dp.cost import TILE
 
-    section, frame, published, assets_dir, docs_dir = pages.study_inputs(config, NAME, PUBLISHED, table_path)
+    section, frame, published, assets_dir, docs_dir, all_runs = pages.study_inputs(config, NAME, PUBLISHED,
+                                                                                   table_path)
     by_method = {row["method"]: row for _, row in frame.iterrows()}
     ordered = [m for m in METHODS if m in by_method]
     results = {m: records.read_record(by_method[m]["record_path"])["metrics"]
@@ -209,7 +233,8 @@ def report(config: dict, table_path: str | Path) -> None:
     summary_rows = []
     for method in ordered:
         metrics = results.get(method)
-        row = _published_row(METHOD_LABELS[method], published["methods"].get(method), ref_vanilla)
+        row = _published_row(METHOD_LABELS[method] + pages.noise_mark(by_method[method]),
+                             published["methods"].get(method), ref_vanilla)
         if metrics is None:
             row += [tables.STATUS_LABELS[by_method[method]["status"]]] + ["-"] * 3
         else:
@@ -237,9 +262,11 @@ def report(config: dict, table_path: str | Path) -> None:
 
     title = f"{models.DISPLAY_NAMES[MODEL]} {section['size']}, batch {section['batch_size']}"
     if results:
-        _timeline_chart(results, f"{title}: memory through one step", assets_dir / timeline_chart_name(section["size"]))
+        machine = charts.machine_label(frame)
+        _timeline_chart(results, f"{title}: memory through one step", machine,
+                        assets_dir / timeline_chart_name(section["size"]))
         _breakdown_chart(results, f"{title}: what the memory holds after forward (F) and after backward (B)",
-                         assets_dir / breakdown_chart_name(section["size"]))
+                         machine, assets_dir / breakdown_chart_name(section["size"]))
     else:  # every run failed: the page says so, the charts say so
         for name in (timeline_chart_name(section["size"]), breakdown_chart_name(section["size"])):
             fig, ax = charts.plt.subplots(figsize=(6, 2))
@@ -255,8 +282,8 @@ def report(config: dict, table_path: str | Path) -> None:
         "preset": config["preset"],
         "published": published,
         "system": [(name, value, published["system"]["device"] if name == "GPU" else "not stated")
-                   for name, value in pages.system_rows(frame)],
-        "runs": len(frame),
+                   for name, value in pages.system_rows(all_runs)],
+        **pages.runs_context(all_runs),
         "status_summary": ", ".join(f"{n} {status}" for status, n in frame.status.value_counts().items()),
         "failures": [f"{METHOD_LABELS[m]}: {tables.STATUS_LABELS[by_method[m]['status']]} "
                      f"({by_method[m]['message']})" for m in ordered if by_method[m]["status"] != "ok"],
@@ -291,5 +318,7 @@ def report(config: dict, table_path: str | Path) -> None:
         "tile": TILE,
         "targets": _target_facts(results),
         "pass_times": _pass_times(results),
+        "scorecard": scorecard.section(claims(config, all_runs, published), TITLE, all_runs, assets_dir,
+                                       scorecard.chart_name(NAME)),
     }
     pages.render("memory_profiling_analysis.md.j2", context, docs_dir / PAGE)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from privbench import models
-from privbench.report import charts, pages, tables
+from privbench.report import charts, pages, scorecard, tables
+from privbench.studies import measuring
 from privbench.studies.throughput.plan import NAME, PAGE, PUBLISHED, TITLE, chart_name
 
 
@@ -38,11 +39,11 @@ def _opacus_table(frame: pd.DataFrame, published: dict, size: str, batch: int) -
                 continue  # the kit's own mode has no published figure: a row only where measured
             r = measured.get(mode)
             sps = r["throughput_sps"] if r is not None and r["status"] == "ok" else None
-            shown = "-" if r is None else (tables.fmt(sps) if sps is not None else tables.STATUS_LABELS[r["status"]])
+            shown = "-" if r is None else (tables.fmt_sps(sps) if sps is not None else tables.STATUS_LABELS[r["status"]])
             ref_sps, ref_std = ref.get(mode), ref.get("standard")
             rows.append([
                 models.DISPLAY_NAMES[model], MODE_LABELS[mode],
-                tables.fmt(ref_sps), tables.fmt_ratio(ref_sps / ref_std if ref_sps and ref_std else None),
+                tables.fmt_sps(ref_sps), tables.fmt_ratio(ref_sps / ref_std if ref_sps and ref_std else None),
                 shown, tables.fmt_ratio(sps / std_sps if sps and std_sps else None),
             ])
     return rows
@@ -68,6 +69,33 @@ def _ratio_lines(frame: pd.DataFrame, batch: int) -> list[str]:
     return lines
 
 
+def _dp_faster_facts(frame: pd.DataFrame, batch: int) -> list[dict]:
+    """Where a DP mode outran standard training at ``batch``: both throughputs, whether the gap
+    is within the two runs' step-time spreads (CV), and the kit engine's route for each
+    convolution (``long_conv``: the StateSpace model's long depthwise one explains its case)."""
+    from privbench import records
+
+    facts = []
+    for (framework, model, size), group in frame[(frame.batch_size == batch) & (frame.status == "ok")].groupby(
+            ["framework", "model", "size"]):
+        modes = {r["mode"]: r for _, r in group.iterrows()}
+        std = modes.get("standard")
+        for mode in DP_MODES:
+            dp = modes.get(mode)
+            if std is None or dp is None or dp["throughput_sps"] <= std["throughput_sps"]:
+                continue
+            ratio = dp["throughput_sps"] / std["throughput_sps"]
+            spread = sum(v for v in (std.get("cv_step"), dp.get("cv_step")) if not tables.is_missing(v))
+            layers = records.read_record(dp["record_path"])["metrics"].get("dp_layers") or []
+            facts.append({"name": f"{framework}, {models.DISPLAY_NAMES[model]} {size}, {MODE_LABELS[mode]}",
+                          "long_conv": model == "state_space" and mode == "fast_dp",
+                          "std_sps": tables.fmt_sps(std["throughput_sps"]),
+                          "dp_sps": tables.fmt_sps(dp["throughput_sps"]), "ratio": tables.fmt_ratio(ratio),
+                          "within_spread": ratio - 1 <= spread, "spread_pct": tables.fmt(100 * spread, 0),
+                          "conv_routes": [layer for layer in layers if "Conv" in layer]})
+    return facts
+
+
 def _curve_end_lines(frame: pd.DataFrame) -> list[str]:
     """For every curve: the largest batch that ran and what ended the curve."""
     lines = []
@@ -84,8 +112,32 @@ def _curve_end_lines(frame: pd.DataFrame) -> list[str]:
     return lines
 
 
+# The setting of the published Opacus table (published["opacus_small_batch32"]).
+PUBLISHED_SIZE, PUBLISHED_BATCH = "small", 32
+
+
+def claims(config: dict, runs: pd.DataFrame, published: dict) -> list[scorecard.Claim]:
+    """The scorecard's claims: Opacus clipped / standard throughput per model, as in the published
+    table; reproduced at the published batch if both modes ran it, else the largest both ran."""
+    sizes = config[NAME]["sizes"]
+    size = PUBLISHED_SIZE if PUBLISHED_SIZE in sizes else sizes[0]
+    out = []
+    for model, ref in published["opacus_small_batch32"].items():
+        key = {"framework": "torch", "model": model, "size": size}
+        both = set.intersection(*(scorecard.ok_batches(runs, {**key, "mode": m}) for m in ("standard", "clipped")))
+        key["batch_size"] = batch = scorecard.pick_batch(both, PUBLISHED_BATCH)
+        reproduced = pages.claim_values(runs, {**key, "mode": "clipped"}, {**key, "mode": "standard"})
+        out.append(scorecard.Claim(
+            f"{models.DISPLAY_NAMES[model]} {PUBLISHED_SIZE}, batch {PUBLISHED_BATCH}: "
+            "PyTorch clipped (Opacus) / standard throughput",
+            ref["clipped"] / ref["standard"], reproduced,
+            scorecard.differences(("model size", size, PUBLISHED_SIZE), ("batch", batch, PUBLISHED_BATCH)), TITLE))
+    return out
+
+
 def report(config: dict, table_path: str | Path) -> None:
-    section, frame, published, assets_dir, docs_dir = pages.study_inputs(config, NAME, PUBLISHED, table_path)
+    section, frame, published, assets_dir, docs_dir, all_runs = pages.study_inputs(config, NAME, PUBLISHED,
+                                                                                   table_path)
 
     detailed = []
     for model in section["models"]:
@@ -103,7 +155,7 @@ def report(config: dict, table_path: str | Path) -> None:
                     (p["batch_size"], p["throughput_sps"]))
             chart = chart_name(model, size)
             charts.sweep_chart(series, f"{models.DISPLAY_NAMES[model]} {size}: throughput vs batch size",
-                               "samples / s", assets_dir / chart, published_series)
+                               "samples / s", assets_dir / chart, charts.machine_label(sub), published_series)
             columns = sorted(series)
             ref_columns = sorted(published_series)
             batches = sorted(set(int(b) for b in sub.batch_size) | {p["batch_size"] for p in ref})
@@ -112,10 +164,11 @@ def report(config: dict, table_path: str | Path) -> None:
                 row = [str(batch)]
                 for col in columns:
                     match = sub[(sub.framework + " (" + sub["mode"] + ")" == col) & (sub.batch_size == batch)]
-                    row.append(tables.throughput_cell(match.iloc[0]) if len(match) else "-")
+                    row.append(tables.throughput_cell(match.iloc[0]) + pages.noise_mark(match.iloc[0])
+                               if len(match) else "-")
                 for col in ref_columns:
                     value = dict(published_series[col]).get(batch)
-                    row.append(tables.fmt(value))
+                    row.append(tables.fmt_sps(value))
                 rows.append(row)
             params = sub.param_count.dropna()
             detailed.append({
@@ -134,9 +187,9 @@ def report(config: dict, table_path: str | Path) -> None:
         "title": TITLE,
         "preset": config["preset"],
         "published": published,
-        "system": pages.system_rows_beside(frame, {name: published["system"][key] for name, key in (
+        "system": pages.system_rows_beside(all_runs, {name: published["system"][key] for name, key in (
             ("Platform", "platform"), ("Processor", "processor"), ("Python", "python"), ("GPU", "gpu"))}),
-        "runs": len(frame),
+        **pages.runs_context(all_runs),
         "status_summary": ", ".join(f"{n} {status}" for status, n in frame.status.value_counts().items()),
         "table_size": table_size,
         "table_batch": table_batch,
@@ -145,12 +198,15 @@ def report(config: dict, table_path: str | Path) -> None:
             ["Model", "Mode", "Published samples/s", "Published speedup", "Reproduced samples/s", "Reproduced speedup"],
             _opacus_table(frame, published, table_size, table_batch)),
         "ratio_lines": _ratio_lines(frame, table_batch),
+        "dp_faster": _dp_faster_facts(frame, table_batch),
         "curve_end_lines": _curve_end_lines(frame),
         "detailed": detailed,
-        "timed_steps": section["timed_steps"],
-        "warmup_steps": section["warmup_steps"],
+        "scorecard": scorecard.section(claims(config, all_runs, published), TITLE, all_runs, assets_dir,
+                                       scorecard.chart_name(NAME)),
         "memory_budget_mb": config["run"]["memory_budget_mb"],
         "timeout_s": tables.fmt(config["run"]["timeout_s"], 0),
+        "code": measuring.published_code_facts(section, all_runs),
+        "batch_start": section["batch_start"], "batch_cap": section["batch_cap"],
         "median_cv_pct": tables.fmt(100 * statistics.median(cvs), 1) if len(cvs) else None,
         "max_cv_pct": tables.fmt(100 * cvs.max(), 1) if len(cvs) else None,
         "overhead_mean": tables.fmt(ok.harness_overhead_s.mean(), 1) if len(ok) else None,

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from privbench.data.cifar100 import OFFICIAL_MD5
-from privbench.report import tables
+from privbench.report import pages, scorecard, tables
 from privbench.studies.torch_cifar.plan import (CONFIGURATIONS, NAME, PAGE, PUBLISHED, PUBLISHED_CHART_DEVICES,
-                                                TITLE, chart_name, published_chart_name)
+                                                TITLE, chart_name)
 
 PUBLISHED_DEVICES = ("cpu", "sev", "v100", "a100")
 NOT_REPRODUCIBLE = "not reproducible: the project is discontinued"
@@ -171,30 +171,41 @@ def _device_label(frame, config: dict) -> str:
     return f"{', '.join(cpus)} ({config[NAME]['memory_budget_mb'] / 1024:g}GB RAM budget)"
 
 
+def _batch_note(batch) -> str:
+    return f"({batch})" if isinstance(batch, int) else ""
+
+
+def _published_bars(figures: dict, devices: dict[str, str]) -> dict[str, tuple[float, str]]:
+    """The published figures of one row as bars of the chart's published series (numbers only)."""
+    return {devices[d]: (seconds, _batch_note(batch)) for d, (seconds, batch) in figures.items()
+            if d in devices and isinstance(seconds, (int, float))}
+
+
 def _charts(frame, config: dict, published: dict, outcomes: dict[str, Outcome], assets: Path) -> str:
+    """One chart: each configuration's seconds per epoch here beside the published ones, on one scale."""
     from privbench.report import charts  # matplotlib: not for the worker and client processes
 
-    estimated = False
-    bars = []
-    for name, outcome in outcomes.items():
-        short = CONFIGURATIONS[name].short
-        if outcome.row is None:
-            bars.append((f"{short}\n(no batch fitted)", None, outcome.end))
-        else:
-            estimated |= bool(outcome.row.estimated)
-            bars.append((f"{short}\n(batch_size={int(outcome.row.batch_size)})", outcome.row.seconds_per_epoch, ""))
     device = _device_label(frame, config)
-    title = f"Wall clock time of each configuration on {device} (s/epoch)"
-    charts.bar_chart(bars, title + (", estimated from timed steps" if estimated else ""),
-                     assets / chart_name(config["platform"]))
-    for device_key in PUBLISHED_CHART_DEVICES:
-        refs = [(CONFIGURATIONS[r["configuration"]].short, r["figures"]) for r in published["rows"]]
-        refs += [(r["chart_label"], r["figures"]) for r in published["bastionlab"]]
-        bars = [(f"{label}\n(batch_size={fig[device_key][1]})", fig[device_key][0], "")
-                for label, fig in refs if isinstance(fig.get(device_key, [None])[0], (int, float))]
-        chart_device = published["devices"][device_key]["chart_device"]
-        charts.bar_chart(bars, f"Wall clock time of each configuration on {chart_device} (s/epoch), as published",
-                         assets / published_chart_name(device_key))
+    reproduced = f"reproduced: {device}"
+    devices = {d: f"published: {published['devices'][d]['chart_device']}" for d in PUBLISHED_CHART_DEVICES}
+    refs = {r["configuration"]: r["figures"] for r in published["rows"]}
+    groups = []
+    for name in (n for n in CONFIGURATIONS if n in outcomes or n in refs):
+        bars = _published_bars(refs.get(name, {}), devices)
+        outcome = outcomes.get(name)
+        if outcome is not None:
+            row = outcome.row
+            bars[reproduced] = ((None, outcome.end) if row is None else
+                                (row.seconds_per_epoch, _batch_note(int(row.batch_size))))
+        groups.append((CONFIGURATIONS[name].short, bars))
+    for ref in published["bastionlab"]:  # not reproducible: their stand-ins have their own bars
+        groups.append((ref["label"], {reproduced: (None, "discontinued"), **_published_bars(ref["figures"], devices)}))
+    estimated = any(o.row is not None and o.row.estimated for o in outcomes.values())
+    charts.grouped_bar_chart(
+        groups, [reproduced, *devices.values()],
+        "EfficientNet-B0 on CIFAR-100: seconds per epoch (batch size), reproduced beside published"
+        + (" (reproduced: estimated from timed steps)" if estimated else ""),
+        "seconds per epoch", assets / chart_name(config["platform"]), charts.machine_label(frame))
     return device
 
 
@@ -208,17 +219,44 @@ def _run_rows(frame) -> list[list[str]]:
         else:
             seconds = f"{tables.STATUS_LABELS[r.status]}: {r.message}"
         rounds = json.loads(Path(r.record_path).read_text())["metrics"].get("round_times_s")
-        rows.append([CONFIGURATIONS[r.configuration].label, str(int(r.batch_size)), seconds,
+        rows.append([CONFIGURATIONS[r.configuration].label + pages.noise_mark(r), str(int(r.batch_size)), seconds,
                      tables.fmt(getattr(r, "steps_per_epoch", None), 0),
                      tables.fmt(getattr(r, "peak_memory_mb", None), 0),
                      ", ".join(f"{t:.1f}" for t in rounds) if rounds else "-"])
     return rows
 
 
-def report(config: dict, table_path: str | Path) -> None:
-    from privbench.report import pages
+def claims(config: dict, runs, published: dict) -> list[scorecard.Claim]:
+    """The scorecard's claims: each published configuration's CPU time per epoch over the
+    baseline's (BastionLab's DP training through its stand-in), each at the largest batch that
+    fitted in the published run; reproduced at that batch if it ran, else the largest that ran."""
+    refs = [(CONFIGURATIONS[r["configuration"]].label, r["configuration"], r["figures"]["cpu"], "")
+            for r in published["rows"] if r["configuration"] != "baseline"]
+    refs += [(r["label"], r["stand_in"], r["figures"]["cpu"],
+              f"measured by its stand-in, {CONFIGURATIONS[r['stand_in']].label}") for r in published["bastionlab"]
+             if r["stand_in"] != "baseline" and isinstance(r["figures"]["cpu"][0], (int, float))]
+    base_seconds, base_batch = next(r["figures"]["cpu"] for r in published["rows"] if r["configuration"] == "baseline")
+    other_device = ("published on a CPU, this run on a GPU",) if config["platform"] == "cuda" else ()
 
-    section, frame, published, assets, docs = pages.study_inputs(config, NAME, PUBLISHED, table_path)
+    def at_batch(name: str, published_batch: int) -> dict:
+        where = {"configuration": name}
+        return {**where, "batch_size": scorecard.pick_batch(scorecard.ok_batches(runs, where), published_batch)}
+
+    baseline = at_batch("baseline", base_batch)
+    out = []
+    for label, name, (seconds, batch), stand_in in refs:
+        run = at_batch(name, batch)
+        batches = (None if None in (run["batch_size"], baseline["batch_size"])
+                   else f"{run['batch_size']} against {baseline['batch_size']}")
+        out.append(scorecard.Claim(
+            f"{label}: time per epoch / the baseline's (CPU)", seconds / base_seconds,
+            pages.claim_values(runs, run, baseline, "seconds_per_epoch"),
+            scorecard.differences(*other_device, ("batch", batches, f"{batch} against {base_batch}"), stand_in), TITLE))
+    return out
+
+
+def report(config: dict, table_path: str | Path) -> None:
+    section, frame, published, assets, docs, all_runs = pages.study_inputs(config, NAME, PUBLISHED, table_path)
     outcomes = _outcomes(frame)
     device = _charts(frame, config, published, outcomes, assets)
     headers = ["Configuration", "Privacy",
@@ -227,26 +265,27 @@ def report(config: dict, table_path: str | Path) -> None:
                f"Reproduced: {device}", "ε after one epoch", "Status"]
     any_estimated = bool(frame[frame.status == "ok"].estimated.any())
     context = {
-        "title": TITLE, "preset": config["preset"], "published": published, "runs": len(frame),
+        "title": TITLE, "preset": config["preset"], "published": published, **pages.runs_context(all_runs),
         "status_summary": ", ".join(f"{n} {status}" for status, n in frame.status.value_counts().items()),
-        "system": pages.system_rows_beside(frame, {
+        "system": pages.system_rows_beside(all_runs, {
             "Processor": published["devices"]["cpu"]["name"],
             "GPU": f"{published['devices']['v100']['name']}, {published['devices']['a100']['name']}",
             "Confidential computing (TEE)": published["devices"]["sev"]["name"]}),
         "device": device, "section": section, "accountant": section["dp"]["accountant"].upper(),
         "memory_budget_gb": tables.fmt(section["memory_budget_mb"] / 1024, 1),
         "gpu_memory_gb": (tables.fmt(section["gpu_memory_limit_mb"] / 1024, 1)
-                          if config["platform"] == "cuda" else None), "data": config["data"]["cifar100"], "any_estimated": any_estimated,
+                          if config["platform"] == "cuda" else None), "data": config["data"]["cifar100"],
+        "data_source": pages.data_source(config["data"]["cifar100"]["url"]), "any_estimated": any_estimated,
         "official_data": config["data"]["cifar100"]["md5"] == OFFICIAL_MD5,
         "train_examples": int(frame.train_examples.max()) if "train_examples" in frame else None,
         "table": tables.markdown_table(headers, _table_rows(published, outcomes, set(section["configurations"])),
                                        ["l", "c", *"rrrrrr", "l"]),
         "ratio_lines": _ratio_lines(published, outcomes), "batch_lines": _batch_lines(outcomes),
         "chart": chart_name(config["platform"]),
-        "published_charts": [(published["devices"][d]["chart_device"], published_chart_name(d))
-                             for d in PUBLISHED_CHART_DEVICES],
         "run_table": tables.markdown_table(
             ["Configuration", "Batch", "s/epoch or outcome", "Steps per epoch", "Peak memory (MB)",
              "Flower round times (s)"], _run_rows(frame)),
     }
+    context["scorecard"] = scorecard.section(claims(config, all_runs, published), TITLE, all_runs, assets,
+                                             scorecard.chart_name(NAME))
     pages.render("torch_benchmarks.md.j2", context, docs / PAGE)
