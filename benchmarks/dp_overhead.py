@@ -101,11 +101,12 @@ class EfficientNetTrainer:
 
 
 def _limit_threads(threads: int | None) -> None:
-    """Before any framework import: the same thread count for torch and XLA."""
+    """Before any framework import: torch's thread count; XLA has no flag for a count,
+    only for one thread (its Eigen operations single-threaded), set when threads == 1."""
     if threads is None:
         return
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                               f" intra_op_parallelism_threads={threads}").strip()
+    if threads == 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     import torch
 
     torch.set_num_threads(threads)
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-steps", type=int, default=2,
                         help="steps after warm-up when measuring the peak resident set (0: skip it)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads for both frameworks (default: the libraries' own)")
+                        help="torch's intra-op threads; 1 also makes XLA single-threaded (default: the libraries' own)")
     parser.add_argument("--scaling", action="store_true",
                         help="the growth table: ratios at batch 8, 32, 128 (small) and sizes small, medium (batch 32)")
     args = parser.parse_args(argv)

@@ -8,7 +8,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 # Keep the frameworks from grabbing every core while pytest itself runs them.
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
 # A developer's own config/local.yaml (their data mirror, ...) must not reach the
 # tests' workflows: the Snakefile reads this file instead, which does not exist.
 os.environ.setdefault("PRIVBENCH_LOCAL_CONFIG", str(REPO_ROOT / "tests" / "no-local-config.yaml"))

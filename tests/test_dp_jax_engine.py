@@ -159,3 +159,35 @@ def test_engine_divides_by_normalize_by_and_checks_the_clip_norm():
     with pytest.raises(ValueError, match="must be > 0"):
         ClippedGradEngine(graphdef, family.loss_jax, 0.0)
 
+
+@pytest.mark.parametrize("dimension_numbers, window, padding, channels", [
+    (("NHWC", "HWIO", "NHWC"), (3, 3), "SAME", (3, 4)),
+    (("NCHW", "OIHW", "NCHW"), (2, 3), ((0, 2), (1, -1)), (3, 4)),  # asymmetric, one pad negative
+    (("NWC", "WIO", "NWC"), (5,), "VALID", (4, 2)),  # fewer output channels: g^T x first
+])
+def test_shifted_matmuls_equal_vmap_of_the_convolutions_vjp(dimension_numbers, window, padding, channels):
+    """The per-example kernel gradients of the kept/direct Conv route (one matmul
+    per kernel offset) == vmap of the convolution's vjp, in any layout."""
+    import jax
+    from jax import lax
+
+    from privbench.dp.jax_rules import _shifted_matmuls
+
+    lhs_spec, rhs_spec, _ = dimension_numbers
+    numbers = lax.conv_dimension_numbers((1,) * len(lhs_spec), (1,) * len(rhs_spec), dimension_numbers)
+    letters = "HW"[-len(window):]  # the spatial dimensions, one example a batch of one
+    sizes = {"N": 1, "C": channels[0], **dict(zip(letters, (6, 9)[-len(window):]))}
+    kernel_sizes = {"O": channels[1], "I": channels[0], **dict(zip(letters, window))}
+    keys = jax.random.split(jax.random.key(0), 3)
+    lhs = jax.random.normal(keys[0], (BATCH, *(sizes[d] for d in lhs_spec)))
+    kernel = jax.random.normal(keys[1], tuple(kernel_sizes[d] for d in rhs_spec))
+    conv = {"window_strides": (1,) * len(window), "padding": padding, "lhs_dilation": None,
+            "rhs_dilation": None, "dimension_numbers": numbers, "feature_group_count": 1,
+            "batch_group_count": 1, "precision": None, "preferred_element_type": None}
+
+    def convolve(lhs_i, k):
+        return lax.conv_general_dilated(lhs_i, k, **conv)
+
+    g = jax.random.normal(keys[2], jax.vmap(convolve, in_axes=(0, None))(lhs, kernel).shape)
+    expected = jax.vmap(lambda lhs_i, g_i: jax.vjp(lambda k: convolve(lhs_i, k), kernel)[1](g_i)[0])(lhs, g)
+    np.testing.assert_allclose(_shifted_matmuls(lhs, g, kernel.shape, conv), expected, rtol=1e-4, atol=1e-4)
