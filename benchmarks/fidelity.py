@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from privbench import models  # noqa: E402  (after the path line, for a fresh clone)
+from privbench import memory, models  # noqa: E402  (after the path line, for a fresh clone)
 
 MODES = ("standard", "clipped")
 
@@ -75,8 +75,14 @@ def main(argv=None) -> int:
         for framework in args.frameworks:
             for mode in args.modes:
                 with context.Pool(1) as pool:
-                    per_step = pool.apply(time_variants, (model, framework, mode, args.size, args.batch,
-                                                          args.rounds, args.steps))
+                    try:
+                        per_step = pool.apply(time_variants, (model, framework, mode, args.size, args.batch,
+                                                              args.rounds, args.steps))
+                    except Exception as exc:  # noqa: BLE001 - a failed configuration is a row, not the end
+                        oom = memory.looks_like_oom(f"{type(exc).__name__}: {exc}")
+                        print(f"{model} {framework} {mode} - - {'oom' if oom else 'error'}: "
+                              f"{str(exc).splitlines()[0][:120]}", flush=True)
+                        continue
                 sps = {variant: args.batch / statistics.median(times) for variant, times in per_step.items()}
                 print(f"{model} {framework} {mode} {sps['published']:.2f} {sps['harmonized']:.2f} "
                       f"{sps['published'] / sps['harmonized']:.2f}", flush=True)
