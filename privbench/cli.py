@@ -14,6 +14,7 @@ from pathlib import Path
 from privbench import __version__, aggregate, config as config_mod, harness, progress, records, runners, studies
 from privbench.errors import MissingDependencyError
 from privbench.studies.curves import make_run_spec
+from privbench.wording import plural
 
 
 def _cmd_validate(args) -> None:
@@ -61,7 +62,7 @@ def _cmd_aggregate(args) -> None:
     paths = aggregate.record_paths_from_summaries(args.summaries)
     frame = aggregate.build_table(paths)
     aggregate.write_table(frame, args.output)
-    print(f"{args.output}: {len(frame)} run{'' if len(frame) == 1 else 's'}")
+    print(f"{args.output}: {plural(len(frame), 'run')}")
 
 
 def _cmd_report(args) -> None:

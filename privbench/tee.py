@@ -33,6 +33,8 @@ import secrets
 import struct
 from pathlib import Path
 
+from privbench.wording import plural
+
 CONFIGFS_ROOT = Path("/sys/kernel/config")
 SEV_GUEST_DEVICE = Path("/dev/sev-guest")
 
@@ -198,9 +200,6 @@ def _sev_guest_report(device: Path, user_data: bytes) -> bytes:
     return response.raw[_SNP_REPORT_OFFSET:_SNP_REPORT_OFFSET + size]
 
 
-def _runs(n: int) -> str:
-    return f"{n} run" if n == 1 else f"{n} runs"
-
 
 def page_label(frame) -> str:
     """What a page says about the TEE of its runs (from the table's ``sys_tee_*`` columns)."""
@@ -210,13 +209,13 @@ def page_label(frame) -> str:
     status = frame["sys_tee_status"]
     n_none = int(status.isna().sum())
     if n_none:
-        parts.append(f"none for {_runs(n_none)} (not on a confidential VM)")
+        parts.append(f"none for {plural(n_none, 'run')} (not on a confidential VM)")
     attested = frame[status == "attested"]
     for tee_type, group in attested.groupby("sys_tee_type"):
-        parts.append(f"{tee_type}: {_runs(len(group))} attested, each report bound to its run's nonce "
+        parts.append(f"{tee_type}: {plural(len(group), 'run')} attested, each report bound to its run's nonce "
                      "(signatures not checked by the kit; reports kept in the records)")
     n_unattested = int((status == "unattested").sum())
     if n_unattested:
-        parts.append(f"**UNATTESTED: {_runs(n_unattested)} on platform cvm without TEE evidence** "
+        parts.append(f"**UNATTESTED: {plural(n_unattested, 'run')} on platform cvm without TEE evidence** "
                      "(allowed by runner.attestation: unattested); they are not TEE results")
     return "; ".join(parts)

@@ -8,7 +8,7 @@ Two loops:
   ``min_seconds`` of timed work), split into a few blocks whose per-step times give the spread; the
   throughput is every timed example over the whole timed time.
 - :func:`time_steps`: every step synchronised and timed on its own (the memory
-  page meters each step; the CIFAR-10 page times its own epochs).
+  page meters each step; the CIFAR-100 page times its own epochs).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ STAGES = [
     ("privbench.studies", "privbench.report.index", "privbench.cli", "privbench.sizing", "privbench.worker"),
 ]
 INFRA = ("privbench.config", "privbench.records", "privbench.harness", "privbench.system", "privbench.memory",
-         "privbench.paths", "privbench.errors", "privbench.progress", "privbench.timing", "privbench.tee",
+         "privbench.paths", "privbench.errors", "privbench.progress", "privbench.wording", "privbench.timing", "privbench.tee",
          "privbench.runners", "privbench.aggregate", "privbench.__main__", "privbench")
 
 

@@ -13,6 +13,7 @@ import yaml
 
 from privbench import tee
 from privbench.paths import PUBLISHED_DIR, TEMPLATE_DIR
+from privbench.wording import plural  # also the template filter below; reports call pages.plural
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
@@ -21,11 +22,6 @@ _env = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-
-
-def plural(count, noun: str, plural_form: str | None = None) -> str:
-    """``1 step``, ``5 steps`` (``plural_form`` where adding an s is wrong): a template filter."""
-    return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
 
 
 _env.filters["plural"] = plural

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from privbench.memory import device_peak_memory
+from privbench.wording import plural
 
 
 # The keys of a trainer run's config, copied from its study's section, that set its
@@ -80,8 +81,8 @@ def measure_trainer(spec: dict, metrics: dict, phases: dict, progress) -> None:
     metrics.update(trainer.description)
     phases["setup_s"] = time.perf_counter() - t0
     progress(f"model and step built in {phases['setup_s']:.1f} s; {cfg['warmup_steps']} warm-up, then at least "
-             f"{cfg['timed_steps']} timed steps and {cfg['timed_seconds_min']} s in {cfg['timing_blocks']} "
-             f"block(s) at batch {cfg['batch_size']}")
+             f"{cfg['timed_steps']} timed steps and {cfg['timed_seconds_min']} s in "
+             f"{plural(cfg['timing_blocks'], 'block')} at batch {cfg['batch_size']}")
     time_blocks(trainer.step, trainer.sync, cfg["warmup_steps"], cfg["timed_steps"], cfg["timed_seconds_min"],
                 cfg["timing_blocks"], metrics, progress)
     phases["warmup_s"] = metrics["warmup_s"]
