@@ -58,6 +58,34 @@ def test_matches_naive_on_every_model(model, size, variant):
         assert "blocks.0.conv (Conv): fft" in description["dp_layers"]
 
 
+def test_the_model_runs_on_the_whole_batch_where_its_arrays_are_the_examples_stacked():
+    """Both forward forms (``dp_forward``) are taken by the matrix, so the test
+    above checks both against the naive loop: the whole batch at once for the
+    CNN, which max-pools and whose tapped arrays all carry the batch; per
+    example (vmap) for the models without pooling. The two forms give the
+    same clipped sum."""
+    import jax
+    from flax import nnx
+
+    from privbench.dp.jax_engine import ClippedGradEngine
+
+    forms = {}
+    for model in models.MODELS:
+        family = models.family(model)
+        module = models.build("jax", model, "tiny", seed=0)
+        inputs, targets = family.synthetic_batch("tiny", BATCH, "jax", seed=1)
+        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+        engine = ClippedGradEngine(graphdef, family.loss_jax, 1e-3)
+        forms[model] = engine.describe(params, rest, inputs, targets)["dp_forward"]
+        if model == "cnn":
+            whole = jax.jit(engine)(params, rest, inputs, targets)
+            engine._runs_on_whole_batch = lambda *args: False
+            per_example = jax.jit(engine)(params, rest, inputs, targets)
+            np.testing.assert_allclose(_jax_flat(whole), _jax_flat(per_example), rtol=1e-5, atol=1e-7)
+    assert forms == {"cnn": "whole_batch", "transformer": "per_example", "state_space": "per_example",
+                     "diffusion": "per_example"}
+
+
 def test_published_transformer_in_float32_matches_to_the_float32_tolerance():
     """The published Transformer's bfloat16 attention is what widens the tolerance
     above: the same model with its attention in float32 matches to TOLERANCE."""
