@@ -350,17 +350,34 @@ def test_noise_drawn_on_several_cores_is_gaussian_independent_and_reproducible(m
         torch.set_num_threads(threads)
 
 
+class _ChannelsLastConvNet(nn.Module):
+    """A convolution on channels-last activations, then a Linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 8, 3, padding=1), nn.Linear(200, 20)
+
+    def forward(self, x):
+        x = x.reshape(-1, 2, 5, 5).contiguous(memory_format=torch.channels_last)
+        return self.head(self.conv(x).flatten(1))
+
+
 def test_noise_drawn_ahead_during_the_step_is_the_noise_drawn_after_it(monkeypatch):
     """From the second step on, the noise is drawn in the background while the
-    forward and backward passes run (into the previous step's gradients): the
-    same numbers as drawn after the clipped sum, step for step."""
+    forward and backward passes run (into the previous step's gradients, here
+    a channels-last one among them): the same numbers as drawn after the
+    clipped sum, step for step."""
+    from privbench.dp import cost, torch_rules
+
     monkeypatch.setattr(torch_engine, "PARALLEL_NOISE_MIN_NUMBERS", 0)
+    # The direct route's book-keeping sum of a channels-last convolution is channels-last too.
+    monkeypatch.setattr(torch_rules.ConvRule, "route", lambda *args: cost.Route(cost.DIRECT, keep=False))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         def gradients_of_two_steps(ahead: bool):
             torch.manual_seed(0)
-            module = nn.Linear(50, 20)
+            module = _ChannelsLastConvNet().to(memory_format=torch.channels_last)
             params = list(module.parameters())
             dp = torch_engine.make_private(module, torch.optim.SGD(params, lr=0.1), max_grad_norm=1.0,
                                            noise_multiplier=1.0, noise_generator=torch.Generator().manual_seed(3))

@@ -477,7 +477,7 @@ class DPOptimizer:
             self._noise_ahead = None
         grads = [p.grad for p in self.params]
         if self.noise_std_on_sum > 0 and self._parallel_noise(grads) \
-                and all(g.shape == p.shape for g, p in zip(grads, self.params)):
+                and all(g.shape == p.shape and _in_memory_order(g) is not None for g, p in zip(grads, self.params)):
             self._noise_ahead = (grads, self._draw_noise(grads, wait=False))
 
     def _parallel_noise(self, grads: list) -> bool:
@@ -486,7 +486,7 @@ class DPOptimizer:
                 and sum(g.numel() for g in grads) >= PARALLEL_NOISE_MIN_NUMBERS and len({g.dtype for g in grads}) == 1)
 
     def _draw_noise(self, out: list[torch.Tensor], wait: bool):
-        """Fill ``out`` with N(0, 1), in place; returns ``out`` (``wait``) or the parts' futures.
+        """Fill ``out`` (dense tensors) with N(0, 1), in place; returns ``out`` (``wait``) or the parts' futures.
 
         PyTorch draws CPU normals on one core; for a large model the numbers,
         taken as one flat sequence over ``out``, are split into one part per
@@ -498,7 +498,7 @@ class DPOptimizer:
             return out
         parts = torch.get_num_threads()
         seeds = torch.randint(0, 2**62, (parts,), generator=self.noise_generator).tolist()
-        flat = [buffer.view(-1) for buffer in out]
+        flat = [_in_memory_order(buffer) for buffer in out]  # (channels-last gradients too)
         starts = [0]
         for buffer in flat:
             starts.append(starts[-1] + buffer.numel())
@@ -557,6 +557,14 @@ class DPOptimizer:
         if self._noise_pool is not None:
             self._noise_pool.shutdown()
             self._noise_pool = None
+
+
+def _in_memory_order(t: torch.Tensor) -> torch.Tensor | None:
+    """A 1-D view of a dense tensor's numbers in memory order (any layout, e.g.
+    channels-last); None if it has gaps or overlaps."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    permuted = t.permute(order)
+    return permuted.view(-1) if permuted.is_contiguous() else None
 
 
 def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, *, max_grad_norm: float,
