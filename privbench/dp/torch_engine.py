@@ -25,7 +25,9 @@ One step (:meth:`DPOptimizer.step`, or its three phases):
 3. :meth:`DPOptimizer.noise_and_step`: Gaussian noise of std
    ``noise_multiplier * max_grad_norm`` on the sums, divided by
    ``expected_batch_size`` (or the batch), then the wrapped optimiser's step
-   (Opacus' convention).
+   (Opacus' convention). On a multi-core CPU the noise of a large model is
+   drawn on every core, from the second step on during phases 1 and 2, into
+   the previous step's gradient tensors (:meth:`DPOptimizer._draw_noise_ahead`).
 
 Exact fallbacks, listed by :meth:`DPOptimizer.describe`: ``vjp`` (a leaf layer
 without a rule, or called more than once: per-example gradients by
