@@ -201,6 +201,12 @@ class ClippedGradEngine:
         taps.install(module)
         return self.loss_fn(module(*(x[None] for x in inputs)), target[None])
 
+    def _batch_outputs(self, params, rest, inputs, taps: _Taps):
+        """The model's outputs on the whole batch at once, with the layers tapped."""
+        module = nnx.merge(self.graphdef, params, rest)
+        taps.install(module)
+        return module(*inputs)
+
     def _batch_loss(self, params, rest, inputs, targets, probes, tapped):
         """The summed per-example losses and the tapped layers' records, the
         model run once on the whole batch (as the non-private step runs it: no
@@ -208,9 +214,7 @@ class ClippedGradEngine:
         turns into scatters) and only the loss vmapped over the examples.
         Probes and records keep the per-example shapes (B, 1, ...)."""
         taps = _Taps(jax.tree.map(lambda p: p.reshape(p.shape[0], *p.shape[2:]), probes))
-        module = nnx.merge(self.graphdef, params, rest)
-        taps.install(module)
-        outputs = module(*inputs)
+        outputs = self._batch_outputs(params, rest, inputs, taps)
         losses = jax.vmap(lambda out, y: self.loss_fn(jax.tree.map(lambda a: a[None], out), y[None]))(
             outputs, targets)
         records = {key: jax.tree.map(lambda a: a[:, None], taps.records[key]) for key in tapped}
@@ -263,9 +267,7 @@ class ClippedGradEngine:
         taps = _Taps(None)
 
         def batch(params, rest, inputs, targets):
-            module = nnx.merge(self.graphdef, params, rest)
-            taps.install(module)
-            module(*inputs)
+            self._batch_outputs(params, rest, inputs, taps)
             return ({key: taps.outputs.get(key) for key in per_example[0]},
                     {key: taps.records.get(key) for key in per_example[1]})
 

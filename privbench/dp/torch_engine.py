@@ -446,15 +446,11 @@ class DPOptimizer:
         for param in self.params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-        noise, self._noise_ahead = self._noise_ahead, None
+        noise = self._take_noise_ahead()
         if std > 0:
             if noise is None:
-                noise = self._draw_noise([torch.empty_like(p.grad) for p in self.params], wait=True)
-            else:
-                buffers, parts = noise
-                for part in parts:
-                    part.result()
-                noise = buffers
+                noise = [torch.empty_like(p.grad) for p in self.params]
+                _wait(self._draw_noise(noise))
             for param, drawn in zip(self.params, noise):
                 if drawn is param.grad:  # phase 2 did not run: the gradient tensor holds the noise itself
                     drawn.mul_(std)
@@ -473,22 +469,29 @@ class DPOptimizer:
         0.849x -> 0.862x, the others unchanged). The noise does not depend on the
         data, so drawing it early changes nothing of the mechanism, nor of the
         numbers drawn. Only on the multi-core path, and where every ``p.grad`` is there."""
-        if self._noise_ahead is not None:  # a step left unfinished: its noise is not reused
-            for part in self._noise_ahead[1]:
-                part.result()
-            self._noise_ahead = None
+        self._take_noise_ahead()  # a step left unfinished: its noise is not reused
         grads = [p.grad for p in self.params]
         if self.noise_std_on_sum > 0 and self._parallel_noise(grads) \
                 and all(g.shape == p.shape and _in_memory_order(g) is not None for g, p in zip(grads, self.params)):
-            self._noise_ahead = (grads, self._draw_noise(grads, wait=False))
+            self._noise_ahead = (grads, self._draw_noise(grads))
+
+    def _take_noise_ahead(self) -> list[torch.Tensor] | None:
+        """The buffers of the noise drawn ahead for this step, once drawn (None if none was)."""
+        ahead, self._noise_ahead = self._noise_ahead, None
+        if ahead is None:
+            return None
+        buffers, parts = ahead
+        _wait(parts)
+        return buffers
 
     def _parallel_noise(self, grads: list) -> bool:
         """Whether noise for these tensors is drawn in parts on several cores (a large model on a multi-core CPU)."""
         return (torch.get_num_threads() > 1 and all(g is not None and g.device.type == "cpu" for g in grads)
                 and sum(g.numel() for g in grads) >= PARALLEL_NOISE_MIN_NUMBERS and len({g.dtype for g in grads}) == 1)
 
-    def _draw_noise(self, out: list[torch.Tensor], wait: bool):
-        """Fill ``out`` (dense tensors) with N(0, 1), in place; returns ``out`` (``wait``) or the parts' futures.
+    def _draw_noise(self, out: list[torch.Tensor]) -> list[concurrent.futures.Future]:
+        """Fill ``out`` (dense tensors) with N(0, 1), in place; returns the futures of the
+        parts still being drawn (none where one core draws them, at once).
 
         PyTorch draws CPU normals on one core; for a large model the numbers,
         taken as one flat sequence over ``out``, are split into one part per
@@ -497,7 +500,7 @@ class DPOptimizer:
         if not self._parallel_noise(out):
             for buffer in out:
                 buffer.normal_(generator=self.noise_generator)
-            return out
+            return []
         parts = torch.get_num_threads()
         seeds = torch.randint(0, 2**62, (parts,), generator=self.noise_generator).tolist()
         flat = [_in_memory_order(buffer) for buffer in out]  # (channels-last gradients too)
@@ -515,12 +518,7 @@ class DPOptimizer:
 
         if self._noise_pool is None:
             self._noise_pool = concurrent.futures.ThreadPoolExecutor(parts, thread_name_prefix="dp-noise")
-        futures = [self._noise_pool.submit(draw, seed, lo, hi) for seed, lo, hi in zip(seeds, bounds, bounds[1:])]
-        if not wait:
-            return futures
-        for future in futures:
-            future.result()
-        return out
+        return [self._noise_pool.submit(draw, seed, lo, hi) for seed, lo, hi in zip(seeds, bounds, bounds[1:])]
 
     def step(self, loss_fn: Callable, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         """One update on a batch; returns the batch's mean loss (detached).
@@ -553,12 +551,16 @@ class DPOptimizer:
     def remove(self) -> None:
         """Take the engine's hooks off the module (and stop the noise threads)."""
         self._engine.remove()
-        for part in self._noise_ahead[1] if self._noise_ahead else ():
-            part.result()
-        self._noise_ahead = None
+        self._take_noise_ahead()
         if self._noise_pool is not None:
             self._noise_pool.shutdown()
             self._noise_pool = None
+
+
+def _wait(futures: list[concurrent.futures.Future]) -> None:
+    """Until every future is done (raising what one raised)."""
+    for future in futures:
+        future.result()
 
 
 def _in_memory_order(t: torch.Tensor) -> torch.Tensor | None:
