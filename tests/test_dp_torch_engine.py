@@ -204,6 +204,33 @@ def test_fft_route_equals_the_direct_per_example_gradient(short_fft_threshold):
     torch.testing.assert_close(by_fft, by_conv, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 8, 5, padding=2, groups=4),  # channel multiplier 2 on a 2x2 map
+    nn.Conv2d(4, 4, 3, padding=2, stride=2, dilation=2, groups=4),
+    nn.Conv1d(3, 3, 5, padding=2, groups=3),
+], ids=["multiplier", "strided_dilated", "1d"])
+def test_depthwise_clipped_sum_where_the_kernel_exceeds_the_map_equals_per_example_loop(conv):
+    """The book-keeping sum of a depthwise layer whose kernel is larger than its input
+    (computed as one grouped convolution, not PyTorch's weight gradient) and its
+    direct norms, against each example's own weight gradient."""
+    from privbench.dp import torch_rules
+
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, conv.in_channels, *(2,) * len(conv.kernel_size))
+    g = torch.randn_like(conv(x))
+    assert torch_rules._depthwise(conv) and torch_rules._kernel_exceeds_input(conv, x)
+    weight_grad = torch_rules._CONV_WEIGHT_GRAD[len(conv.kernel_size)]
+    per_example = torch.stack([weight_grad(x[n:n + 1], conv.weight.shape, g[n:n + 1], conv.stride, conv.padding,
+                                           conv.dilation, conv.groups) for n in range(BATCH)])
+    factors = torch.linspace(0.2, 1.0, BATCH)
+    rule = torch_rules.RULES[type(conv)]
+    work = rule.norms(conv, x, g, cost.Route(cost.DIRECT, keep=False))
+    bias = g.flatten(2).sum(dim=2)
+    torch.testing.assert_close(work.sq_norms, per_example.flatten(1).square().sum(1) + bias.square().sum(1))
+    summed = rule.clipped_sum(conv, work, factors)["weight"]
+    torch.testing.assert_close(summed, torch.tensordot(factors, per_example, dims=1), rtol=1e-5, atol=1e-5)
+
+
 def test_output_view_changed_in_place_needs_no_copy():
     """A Linear on (B, T, d) returns a view; ReLU(inplace) on it: the gradient is
     taken at the layer's own autograd node, the layer keeps its rule."""
