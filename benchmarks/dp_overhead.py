@@ -15,9 +15,15 @@ measured apart, one fresh process per mode:
 - ``peak_rss``: the process's peak resident set (VmHWM) over a few steps after
   the warm-up, which the framework's own footprint dilutes (shown for reference).
 
-One line per workload; the first five columns are the targets' figures:
+A third trainer, timed in the same alternation, is fast_dp without noise
+(noise std 0: nothing is drawn): ``clipping_ratio`` is its throughput over the
+non-private one, the cost of the exact per-example clipping alone; the gap
+between it and ``ratio`` is the Gaussian noise (one normal per parameter per
+step, which on a CPU's generator costs a small model a fifth of its step).
 
-    workload framework nonprivate_sps dp_sps ratio tensor_memory_ratio nonprivate_tensor_mb dp_tensor_mb nonprivate_peak_rss_mb dp_peak_rss_mb
+One line per workload; the first six columns are the targets' figures:
+
+    workload framework nonprivate_sps dp_sps ratio tensor_memory_ratio clipping_ratio nonprivate_tensor_mb dp_tensor_mb nonprivate_peak_rss_mb dp_peak_rss_mb
 
 Targets: ratio >= 0.8 and tensor_memory_ratio <= 1.10 on every workload.
 ``--scaling`` prints a second table instead: the same two ratios for CNN and
@@ -50,15 +56,19 @@ MODEL_WORKLOADS = ("cnn", "transformer", "state_space", "diffusion")
 EFFICIENTNET = "efficientnet_b0"  # torch only: torchvision's, GroupNorm, 100 classes, 32x32 inputs
 WORKLOADS = (*MODEL_WORKLOADS, EFFICIENTNET)
 MODES = ("standard", "fast_dp")
+CLIPPING_ONLY = "fast_dp_without_noise"  # timed beside the two modes
+TIMED = (*MODES, CLIPPING_ONLY)
 EFFICIENTNET_LEARNING_RATE = 1e-3  # Adam, as on the torch benchmarks page
 
 
 def build_trainer(workload: str, framework: str, mode: str, size: str, batch: int, seed: int = 0):
-    """An object with step() and sync(handle), for either mode."""
+    """An object with step() and sync(handle), for either mode or CLIPPING_ONLY."""
     if workload == EFFICIENTNET:
         return EfficientNetTrainer(mode, batch, seed)
     from privbench.training import make_trainer
 
+    if mode == CLIPPING_ONLY:
+        return make_trainer(framework, workload, size, "fast_dp", batch, settings={"noise_std": 0.0}, seed=seed)
     return make_trainer(framework, workload, size, mode, batch, seed=seed)
 
 
@@ -81,8 +91,9 @@ class EfficientNetTrainer:
         self.labels = torch.from_numpy(rng.integers(0, 100, batch))
         self.loss = F.cross_entropy
         optimizer = torch.optim.Adam(self.model.parameters(), lr=EFFICIENTNET_LEARNING_RATE)
-        if mode == "fast_dp":
-            self.dp = builder("torch", "fast_dp")(self.model, optimizer, max_grad_norm=1.0, noise_multiplier=1.0,
+        if mode in ("fast_dp", CLIPPING_ONLY):
+            self.dp = builder("torch", "fast_dp")(self.model, optimizer, max_grad_norm=1.0,
+                                                   noise_multiplier=0.0 if mode == CLIPPING_ONLY else 1.0,
                                                    noise_generator=torch.Generator().manual_seed(seed))
         else:
             self.dp, self.optimizer = None, optimizer
@@ -113,13 +124,13 @@ def _limit_threads(threads: int | None) -> None:
 
 
 def time_both(workload, framework, size, batch, rounds, threads) -> dict:
-    """Step times of both modes, alternating one step of each per round."""
+    """Step times of both modes and of CLIPPING_ONLY, alternating one step of each per round."""
     _limit_threads(threads)
     keep_freed_memory()  # as every run of the workflow does (privbench.worker)
-    trainers = {mode: build_trainer(workload, framework, mode, size, batch) for mode in MODES}
+    trainers = {mode: build_trainer(workload, framework, mode, size, batch) for mode in TIMED}
     for trainer in trainers.values():  # warm-up: compilation, first-touch allocations
         trainer.sync(trainer.step())
-    times = {mode: [] for mode in MODES}
+    times = {mode: [] for mode in TIMED}
     for _ in range(rounds):
         for mode, trainer in trainers.items():
             start = time.perf_counter()
@@ -193,12 +204,13 @@ def in_fresh_process(function, *args):
 def measure(workload, framework, size, batch, rounds, threads, memory_steps) -> dict:
     """Both modes' throughput (alternated in one process), tensor memory and peak resident set."""
     times = in_fresh_process(time_both, workload, framework, size, batch, rounds, threads)
-    sps = {mode: batch / statistics.median(times[mode]) for mode in MODES}
+    sps = {mode: batch / statistics.median(times[mode]) for mode in TIMED}
     tensor_mb = {mode: in_fresh_process(tensor_memory, workload, framework, mode, size, batch, threads)
                  for mode in MODES}
     rss_mb = {mode: in_fresh_process(peak_memory, workload, framework, mode, size, batch, memory_steps, threads)
               for mode in MODES} if memory_steps else None
-    return {"sps": sps, "ratio": sps["fast_dp"] / sps["standard"], "tensor_mb": tensor_mb,
+    return {"sps": sps, "ratio": sps["fast_dp"] / sps["standard"],
+            "clipping_ratio": sps[CLIPPING_ONLY] / sps["standard"], "tensor_mb": tensor_mb,
             "tensor_memory_ratio": tensor_mb["fast_dp"] / tensor_mb["standard"], "rss_mb": rss_mb}
 
 
@@ -227,16 +239,16 @@ def main(argv=None) -> int:
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} load average {os.getloadavg()[0]:.2f}, "
           f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}; sps = batch / median step time")
     if args.scaling:
-        print("workload framework size batch ratio tensor_memory_ratio nonprivate_sps dp_sps")
+        print("workload framework size batch ratio tensor_memory_ratio nonprivate_sps dp_sps clipping_ratio")
         for workload in args.workloads or SCALING_WORKLOADS:
             for framework in args.frameworks:
                 for size, batch in SCALING_POINTS:
                     m = measure(workload, framework, size, batch, args.rounds, args.threads, memory_steps=0)
                     print(f"{workload} {framework} {size} {batch} {m['ratio']:.2f} {m['tensor_memory_ratio']:.2f} "
-                          f"{m['sps']['standard']:.2f} {m['sps']['fast_dp']:.2f}", flush=True)
+                          f"{m['sps']['standard']:.2f} {m['sps']['fast_dp']:.2f} {m['clipping_ratio']:.2f}", flush=True)
     else:
-        print("workload framework nonprivate_sps dp_sps ratio tensor_memory_ratio nonprivate_tensor_mb dp_tensor_mb"
-              " nonprivate_peak_rss_mb dp_peak_rss_mb")
+        print("workload framework nonprivate_sps dp_sps ratio tensor_memory_ratio clipping_ratio nonprivate_tensor_mb"
+              " dp_tensor_mb nonprivate_peak_rss_mb dp_peak_rss_mb")
         for workload in args.workloads or WORKLOADS:
             for framework in args.frameworks:
                 if workload == EFFICIENTNET and framework != "torch":
@@ -245,7 +257,8 @@ def main(argv=None) -> int:
                 m = measure(workload, framework, args.size, batch, args.rounds, args.threads, args.memory_steps)
                 rss = (f"{m['rss_mb']['standard']:.0f} {m['rss_mb']['fast_dp']:.0f}" if m["rss_mb"] else "- -")
                 print(f"{workload} {framework} {m['sps']['standard']:.2f} {m['sps']['fast_dp']:.2f} {m['ratio']:.2f} "
-                      f"{m['tensor_memory_ratio']:.2f} {m['tensor_mb']['standard']:.1f} {m['tensor_mb']['fast_dp']:.1f} "
+                      f"{m['tensor_memory_ratio']:.2f} {m['clipping_ratio']:.2f} "
+                      f"{m['tensor_mb']['standard']:.1f} {m['tensor_mb']['fast_dp']:.1f} "
                       f"{rss}", flush=True)
     print(f"# finished {time.strftime('%Y-%m-%d %H:%M:%S')}, load average {os.getloadavg()[0]:.2f}")
     return 0

@@ -143,6 +143,8 @@ class ClippedTrainer(_Trainer):
     def _transform(self, settings, seed):
         from jax_privacy import noise_addition
 
+        if settings["noise_std"] == 0:  # clipping alone: drawing zero-scaled noise would cost as much as noise
+            return super()._transform(settings, seed)
         # The noise is added to the already-averaged gradient, so its std is
         # noise_std itself (the torch side gets the same via Opacus' scaling).
         privatizer = noise_addition.gaussian_privatizer(
