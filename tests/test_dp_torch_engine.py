@@ -231,6 +231,33 @@ def test_depthwise_clipped_sum_where_the_kernel_exceeds_the_map_equals_per_examp
     torch.testing.assert_close(summed, torch.tensordot(factors, per_example, dims=1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 5, 3, padding=1),
+    nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+    nn.Conv2d(2, 3, 1),
+], ids=["same", "strided_dilated_rectangular", "pointwise"])
+@pytest.mark.parametrize("workspace", [None, 1], ids=["one_chunk", "one_example_per_chunk"])
+def test_per_example_conv_gradients_on_channels_last_tensors_equal_per_example_loop(conv, workspace, monkeypatch):
+    """Channels-last input and output gradient (the published CNN): per-example gradients
+    from patches gathered in that layout, against each example's own weight gradient."""
+    from privbench.dp import torch_rules
+
+    if workspace:
+        monkeypatch.setattr(torch_rules, "WORKSPACE", workspace)
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, conv.in_channels, 7, 6).to(memory_format=torch.channels_last)
+    g = torch.randn_like(conv(x)).to(memory_format=torch.channels_last)
+    assert torch_rules._channels_last(x) and torch_rules._channels_last(g)
+    expected = torch.stack([torch.nn.grad.conv2d_weight(x[n:n + 1].contiguous(), conv.weight.shape,
+                                                        g[n:n + 1].contiguous(), conv.stride, conv.padding,
+                                                        conv.dilation) for n in range(BATCH)])
+    rule = torch_rules.RULES[nn.Conv2d]
+    work = rule.norms(conv, x, g, cost.Route(cost.DIRECT, keep=True))
+    torch.testing.assert_close(work.per_example["weight"], expected, rtol=1e-5, atol=1e-5)
+    direct = rule.weight_sq_norms(conv, x, g, cost.DIRECT)
+    torch.testing.assert_close(direct, expected.flatten(1).square().sum(1), rtol=1e-5, atol=1e-5)
+
+
 def test_output_view_changed_in_place_needs_no_copy():
     """A Linear on (B, T, d) returns a view; ReLU(inplace) on it: the gradient is
     taken at the layer's own autograd node, the layer keeps its rule."""

@@ -66,7 +66,7 @@ class LayerWork:
 
 def sq_norms_of(per_example: torch.Tensor) -> torch.Tensor:
     """(B, ...) -> (B,) squared norms, without a squared copy."""
-    return torch.linalg.vector_norm(per_example.reshape(len(per_example), -1), dim=1).square_()
+    return torch.linalg.vector_norm(per_example, dim=tuple(range(1, per_example.dim()))).square_()  # any layout
 
 
 def scaled(g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -313,15 +313,44 @@ def _depthwise_weight_grad(module, x, g, padding, per_example: bool) -> torch.Te
 
 
 def _conv_per_example(module, x, g, padding) -> torch.Tensor:
-    """(B, C_out, C_in/G, *kernel): the weight gradient with the batch folded into the groups."""
+    """(B, C_out, C_in/G, *kernel): the weight gradient with the batch folded into the groups
+    (depthwise: :func:`_depthwise_weight_grad`; channels-last 2-D: :func:`_conv2d_per_example_channels_last`)."""
     batch, c_in, c_out, groups = x.shape[0], module.in_channels, module.out_channels, module.groups
     spatial = len(module.kernel_size)
     if _depthwise(module):
         return _depthwise_weight_grad(module, x, g, padding, per_example=True)
+    if spatial == 2 and groups == 1 and _channels_last(x) and _channels_last(g):
+        return _conv2d_per_example_channels_last(module, x, g, padding)
     per_example = _CONV_WEIGHT_GRAD[spatial](
         x.reshape(1, batch * c_in, *x.shape[2:]), (batch * c_out, c_in // groups, *module.kernel_size),
         g.reshape(1, batch * c_out, *g.shape[2:]), module.stride, padding, module.dilation, batch * groups)
     return per_example.reshape(batch, c_out, c_in // groups, *module.kernel_size)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _conv2d_per_example_channels_last(module, x, g, padding) -> torch.Tensor:
+    """Per-example weight gradients of a 2-D convolution (one group) on channels-last
+    tensors, without changing their layout: each example's output gradient, (H_out W_out,
+    C_out) in memory, times its input patches gathered in the same order, (H_out W_out,
+    kh kw C_in), by one batched matmul. The folded-groups convolution first copies both
+    to the standard layout: CNN conv 3->32 at 32x32, batch 32, 2 threads, 2.2 -> 1.1 ms;
+    conv 32->64 at 16x16, 1.9 -> 1.6 ms. The patches are gathered a few examples at a time
+    (never more than ``WORKSPACE`` numbers)."""
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    batch, c_in, (h_out, w_out) = x.shape[0], x.shape[1], g.shape[2:]
+    image = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding[1], padding[1], padding[0], padding[0]))  # (B, H, W, C)
+    rows = g.permute(0, 2, 3, 1).reshape(batch, h_out * w_out, -1).transpose(1, 2)  # (B, C_out, H_out W_out)
+    grads = g.new_empty(batch, g.shape[1], kh * kw * c_in)
+    examples = max(1, WORKSPACE // (h_out * w_out * kh * kw * c_in))
+    for s in range(0, batch, examples):
+        window = image[s:s + examples]
+        patches = torch.stack([window[:, i * dh:i * dh + sh * (h_out - 1) + 1:sh, j * dw:j * dw + sw * (w_out - 1) + 1:sw]
+                               for i in range(kh) for j in range(kw)], dim=3).reshape(len(window), h_out * w_out, -1)
+        torch.bmm(rows[s:s + examples], patches, out=grads[s:s + examples])
+    return grads.view(batch, -1, kh, kw, c_in).permute(0, 1, 4, 2, 3)  # (B, C_out, C_in, kh, kw)
 
 
 def _conv_weight_sq_norms(module, x, g, padding, norm: str) -> torch.Tensor:
