@@ -243,7 +243,7 @@ def test_per_example_conv_gradients_on_channels_last_tensors_equal_per_example_l
     from privbench.dp import torch_rules
 
     if workspace:
-        monkeypatch.setattr(torch_rules, "WORKSPACE", workspace)
+        monkeypatch.setattr(torch_rules, "PATCH_WORKSPACE", workspace)
     torch.manual_seed(0)
     x = torch.randn(BATCH, conv.in_channels, 7, 6).to(memory_format=torch.channels_last)
     g = torch.randn_like(conv(x)).to(memory_format=torch.channels_last)
