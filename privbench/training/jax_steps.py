@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from privbench import models
+from privbench.dp import jax_noise
 from privbench.training import dp_methods
 
 # optax.adamw's own default, recorded in the description because it differs
@@ -134,6 +135,7 @@ class ClippedTrainer(_Trainer):
     """jax_privacy.clipped_grad (normalize_by=B) -> Gaussian noise -> AdamW."""
 
     grad_sample_mode = "vmap"
+    noise_prng = "threefry2x32"  # JAX's default, as the published code drew its noise
 
     def _grad_fn(self, graphdef, loss_fn, batch_size, microbatch_size, settings):
         return dp_methods.builder("jax", self.mode)(
@@ -148,7 +150,7 @@ class ClippedTrainer(_Trainer):
         # The noise is added to the already-averaged gradient, so its std is
         # noise_std itself (the torch side gets the same via Opacus' scaling).
         privatizer = noise_addition.gaussian_privatizer(
-            stddev=settings["noise_std"], prng_key=jax.random.key(seed)
+            stddev=settings["noise_std"], prng_key=jax.random.key(seed, impl=self.noise_prng)
         )
         return optax.chain(privatizer, super()._transform(settings, seed))
 
@@ -165,6 +167,7 @@ class FastDPTrainer(ClippedTrainer):
     (``privbench.dp.jax_engine``), whose routes go into the description."""
 
     grad_sample_mode = None
+    noise_prng = jax_noise.THREEFRY_UNROLLED  # the same numbers, drawn faster on CPU
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
