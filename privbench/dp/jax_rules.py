@@ -307,7 +307,11 @@ def _depthwise_fft(lhs, g, kernel_shape, conv) -> jax.Array:
     x = _channels_first(lhs, lhs_spec)[:, 0]  # (B, C, T_in)
     x = jnp.pad(x, ((0, 0), (0, 0), tuple(padding[0])))
     go = _channels_first(g, out_spec)[:, 0]  # (B, C, T_out)
-    n = int(2 ** math.ceil(math.log2(x.shape[-1] + go.shape[-1])))
+    # A circular correlation of length n equals the linear one at the lags
+    # k < taps once n >= T_in (= T_out + taps - 1 at unit strides): t + k never
+    # wraps. (n >= T_in + T_out, as first written, doubled the spectra: on
+    # StateSpace small 1.23x the non-private step's tensor memory, now 1.11x.)
+    n = int(2 ** math.ceil(math.log2(x.shape[-1])))
     spectrum = jnp.fft.rfft(x, n) * jnp.conj(jnp.fft.rfft(go, n))
     w = jnp.fft.irfft(spectrum, n)[..., :taps].astype(g.dtype)  # (B, C, K)
     # Back to the kernel's layout: (O, I=1, K) in rhs_spec order.

@@ -394,7 +394,7 @@ def _conv_gram_sq_norms(module, x, g, padding) -> torch.Tensor:
 def _depthwise_fft(module, x, g) -> torch.Tensor:
     """Per-example depthwise 1-D kernel gradients w[c, k] = sum_t g[c, t] x[c, t + k]
     over the padded input ``x``, by FFT (O(T log T), not O(T K)): (B, C, 1, K)."""
-    n = 2 ** math.ceil(math.log2(x.shape[-1] + g.shape[-1]))
+    n = 2 ** math.ceil(math.log2(x.shape[-1]))  # no lag k < K wraps (see the JAX rule's _depthwise_fft)
     spectrum = torch.fft.rfft(x, n) * torch.conj(torch.fft.rfft(g, n))
     w = torch.fft.irfft(spectrum, n)[..., :module.kernel_size[0]].to(g.dtype)
     return w.unsqueeze(2)
