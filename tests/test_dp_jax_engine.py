@@ -86,6 +86,31 @@ def test_the_model_runs_on_the_whole_batch_where_its_arrays_are_the_examples_sta
                      "diffusion": "per_example"}
 
 
+@pytest.mark.parametrize("padding", ["CAUSAL", "SAME", "VALID", ((3, 12),)])
+def test_fft_route_matches_naive_at_every_padding(padding):
+    """The FFT route (a depthwise 1-D kernel of 40 taps) over 37 positions (an
+    odd length, shorter than the kernel where padded) against the naive loop."""
+    import jax
+    import optax
+    from flax import nnx
+
+    class Causal(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(6, 6, (40,), feature_group_count=6, padding=padding, rngs=rngs)
+            self.head = nnx.Linear(6, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(jax.numpy.tanh(self.conv(x)).mean(axis=1))
+
+    keys = jax.random.split(jax.random.key(2))
+    length = 47 if padding == "VALID" else 37  # VALID needs the kernel to fit
+    x = jax.random.normal(keys[0], (BATCH, length, 6))
+    labels = jax.random.randint(keys[1], (BATCH,), 0, 3)
+    description = _check_jax(Causal(nnx.Rngs(0)), lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(
+        logits, y).mean(), (x,), labels)
+    assert "conv (Conv): fft" in description["dp_layers"]
+
+
 def test_published_transformer_in_float32_matches_to_the_float32_tolerance():
     """The published Transformer's bfloat16 attention is what widens the tolerance
     above: the same model with its attention in float32 matches to TOLERANCE."""

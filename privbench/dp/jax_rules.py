@@ -304,15 +304,21 @@ def _depthwise_fft(lhs, g, kernel_shape, conv) -> jax.Array:
     taps = kernel_shape[rhs_spec[2]]
     if isinstance(padding, str):
         padding = lax.padtype_to_pads((lhs.shape[1 + lhs_spec[2]],), (taps,), (1,), padding)
-    x = _channels_first(lhs, lhs_spec)[:, 0]  # (B, C, T_in)
-    x = jnp.pad(x, ((0, 0), (0, 0), tuple(padding[0])))
+    x = _channels_first(lhs, lhs_spec)[:, 0]  # (B, C, T), padded below to T_in
     go = _channels_first(g, out_spec)[:, 0]  # (B, C, T_out)
+    (left, right), = padding
     # A circular correlation of length n equals the linear one at the lags
     # k < taps once n >= T_in (= T_out + taps - 1 at unit strides): t + k never
     # wraps. (n >= T_in + T_out, as first written, doubled the spectra: on
-    # StateSpace small 1.23x the non-private step's tensor memory, now 1.11x.)
-    n = int(2 ** math.ceil(math.log2(x.shape[-1])))
-    spectrum = jnp.fft.rfft(x, n) * jnp.conj(jnp.fft.rfft(go, n))
+    # StateSpace small 1.23x the non-private step's tensor memory, then 1.11x.)
+    n = int(2 ** math.ceil(math.log2(left + x.shape[-1] + right)))
+    x = jnp.pad(x, ((0, 0), (0, 0), (left, n - left - x.shape[-1])))
+    go = jnp.pad(go, ((0, 0), (0, 0), (0, n - go.shape[-1])))
+    # One FFT of both: the input's spectrum cannot then be formed in the
+    # forward pass and held through the backward pass until the output
+    # gradient comes (XLA's scheduler did that: StateSpace small 1.11x -> 0.99x).
+    x_spectrum, go_spectrum = jnp.fft.rfft(jnp.stack([x, go]), axis=-1)
+    spectrum = x_spectrum * jnp.conj(go_spectrum)
     w = jnp.fft.irfft(spectrum, n)[..., :taps].astype(g.dtype)  # (B, C, K)
     # Back to the kernel's layout: (O, I=1, K) in rhs_spec order.
     order = np.argsort(rhs_spec)
