@@ -94,7 +94,7 @@ def test_fft_route_matches_naive_at_every_padding(padding):
     import optax
     from flax import nnx
 
-    class Causal(nnx.Module):
+    class DepthwiseModel(nnx.Module):
         def __init__(self, rngs):
             self.conv = nnx.Conv(6, 6, (40,), feature_group_count=6, padding=padding, rngs=rngs)
             self.head = nnx.Linear(6, 3, rngs=rngs)
@@ -106,7 +106,7 @@ def test_fft_route_matches_naive_at_every_padding(padding):
     length = 47 if padding == "VALID" else 37  # VALID needs the kernel to fit
     x = jax.random.normal(keys[0], (BATCH, length, 6))
     labels = jax.random.randint(keys[1], (BATCH,), 0, 3)
-    description = _check_jax(Causal(nnx.Rngs(0)), lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(
+    description = _check_jax(DepthwiseModel(nnx.Rngs(0)), lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(
         logits, y).mean(), (x,), labels)
     assert "conv (Conv): fft" in description["dp_layers"]
 
