@@ -106,6 +106,7 @@ class _Call:
     output_version: int | None = None
     grad: torch.Tensor | None = None  # the output gradient, kept for the vjp fallback
     work: LayerWork | None = None
+    edge: object | None = None  # the output's autograd edge, where hooked (see norms_backward)
 
 
 @dataclass
@@ -180,6 +181,7 @@ class _Engine:
         if base.grad_fn is not None and fresh:
             index = base.output_nr
             base.grad_fn.register_prehook(lambda grads: self._on_output_grad(layer, call, grads[index]))
+            call.edge = torch.autograd.graph.get_gradient_edge(base) if base is output else None
             return True
         output.register_hook(lambda g: self._on_output_grad(layer, call, g))
         return False
@@ -236,16 +238,31 @@ class _Engine:
         loss_fn, inputs, targets = self._step_args
         batch = len(targets)
         self._sq_norms = torch.zeros(batch, dtype=loss.dtype, device=loss.device)
-        # The parameters of the layers that read the data (no input requiring
-        # gradient): every other layer lies on a path from the loss to them.
-        leaves = {id(p): p for layer in self._layers if layer.calls and not any(
-            a.requires_grad for call in layer.calls for a in _tensors(call.args)) for p in layer.params.values()}
+        # Autograd is asked for what lies below every layer: the layers that read
+        # the data (no input requiring gradient) and the whole model's parameters.
+        # Of a data-reading layer with a rule, the gradient of its output (its
+        # autograd edge), so that autograd does not form its weight gradient too
+        # (CNN: the first convolution's; Transformer: the embeddings'); else its
+        # parameters.
+        leaves, at_edges = {}, []
+        for layer in self._layers:
+            if not layer.calls or any(a.requires_grad for call in layer.calls for a in _tensors(call.args)):
+                continue
+            if layer.route is not _VJP_ROUTE and all(call.edge is not None for call in layer.calls):
+                at_edges += [(layer, call) for call in layer.calls]
+            else:
+                leaves.update({id(p): p for p in layer.params.values()})
         leaves.update({id(p): p for p in self._whole_model.values()})
         leaves.update({id(x): x for x in inputs if x.requires_grad})
+        wanted = [call.edge for _, call in at_edges] + list(leaves.values())
         self._in_backward = True
         try:
-            torch.autograd.grad(loss, list(leaves.values()) or self.params,
-                                grad_outputs=torch.full_like(loss, float(batch)), allow_unused=True)
+            grads = torch.autograd.grad(loss, wanted or self.params,
+                                        grad_outputs=torch.full_like(loss, float(batch)), allow_unused=True)
+            for (layer, call), g in zip(at_edges, grads):
+                call.edge = None
+                if call.work is None:  # (autograd ran no hook of a node whose output it returns)
+                    self._on_output_grad(layer, call, g)
         finally:
             self._in_backward = False
         with torch.no_grad():
