@@ -9,9 +9,10 @@ One step (:meth:`DPOptimizer.step`, or its three phases):
    shared cost model :mod:`privbench.dp.cost` (rules: :mod:`privbench.dp.torch_rules`).
 2. :meth:`DPOptimizer.clipped_backward`: ONE backward pass of the loss scaled by
    the batch size (so that an output gradient is that of each example's own
-   loss). Autograd is asked only for the parameters of the layers that read the
-   data (every other layer lies on a path from the loss to them), so no other
-   weight gradient is formed. As the pass reaches a layer, its hook computes the
+   loss). Autograd is asked only for the output gradients of the layers that
+   read the data, at their outputs' autograd edges (every other layer lies on a
+   path from the loss to them; a layer without a rule: its parameters), so it
+   forms no weight gradient. As the pass reaches a layer, its hook computes the
    examples' squared gradient norms by the layer's route and keeps only what the
    clipped sum will need: the per-example gradients where they fit
    (``kept``; ``fft``, ``elementwise``), else the layer's input and output
