@@ -237,16 +237,25 @@ def test_depthwise_clipped_sum_where_the_kernel_exceeds_the_map_equals_per_examp
 @pytest.mark.parametrize("conv", [
     nn.Conv2d(3, 5, 3, padding=1),
     nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+    nn.Conv2d(3, 4, (2, 3), padding=(2, 1), dilation=(2, 1)),
     nn.Conv2d(2, 3, 1),
-], ids=["same", "strided_dilated_rectangular", "pointwise"])
+], ids=["same", "strided_dilated_rectangular", "dilated_rectangular_padded", "pointwise"])
 @pytest.mark.parametrize("workspace", [None, 1], ids=["one_chunk", "one_example_per_chunk"])
-def test_per_example_conv_gradients_on_channels_last_tensors_equal_per_example_loop(conv, workspace, monkeypatch):
+@pytest.mark.parametrize("form", ["patches", "taps"])
+def test_per_example_conv_gradients_on_channels_last_tensors_equal_per_example_loop(conv, workspace, form,
+                                                                                    monkeypatch):
     """Channels-last input and output gradient (the published CNN): per-example gradients
-    from patches gathered in that layout, against each example's own weight gradient."""
+    formed in that layout, from gathered patches or tap by tap (unit strides), against each
+    example's own weight gradient."""
     from privbench.dp import torch_rules
 
     if workspace:
         monkeypatch.setattr(torch_rules, "PATCH_WORKSPACE", workspace)
+        monkeypatch.setattr(torch_rules, "WORKSPACE", workspace)
+    monkeypatch.setattr(torch_rules, "TAPS_MIN_CHANNELS", 0 if form == "taps" else 10**9)
+    by_taps = []
+    monkeypatch.setattr(torch_rules, "_conv2d_per_example_by_taps", _spy(
+        torch_rules._conv2d_per_example_by_taps, by_taps))
     torch.manual_seed(0)
     x = torch.randn(BATCH, conv.in_channels, 7, 6).to(memory_format=torch.channels_last)
     g = torch.randn_like(conv(x)).to(memory_format=torch.channels_last)
@@ -259,6 +268,14 @@ def test_per_example_conv_gradients_on_channels_last_tensors_equal_per_example_l
     torch.testing.assert_close(work.per_example["weight"], expected, rtol=1e-5, atol=1e-5)
     direct = rule.weight_sq_norms(conv, x, g, cost.DIRECT)
     torch.testing.assert_close(direct, expected.flatten(1).square().sum(1), rtol=1e-5, atol=1e-5)
+    assert bool(by_taps) == (form == "taps" and conv.stride == (1, 1) and conv.kernel_size != (1, 1))
+
+
+def _spy(fn, calls: list):
+    def spied(*args, **kwargs):
+        calls.append(args)
+        return fn(*args, **kwargs)
+    return spied
 
 
 def test_output_view_changed_in_place_needs_no_copy():

@@ -46,6 +46,11 @@ WORKSPACE = 1 << 22
 # live beside the kept gradients (CNN at batch 128: tensor memory 1.26x of the non-private
 # step with WORKSPACE, 0.98x with this, no slower).
 PATCH_WORKSPACE = WORKSPACE // 4
+# Input channels from which a channels-last convolution with a kernel wider than one tap
+# forms per-example gradients tap by tap (:func:`_conv2d_per_example_by_taps`) rather than
+# from gathered patches (2 threads, batch 32, per layer alone: 3->32 at 32x32 2.5x slower,
+# 16->32 equal, 32->64 at 16x16 0.89x, 64->64 at 8x8 0.81x; 1x1 kernels slower).
+TAPS_MIN_CHANNELS = 32
 
 _CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
                      3: torch.nn.grad.conv3d_weight}
@@ -324,6 +329,8 @@ def _conv_per_example(module, x, g, padding) -> torch.Tensor:
     if _depthwise(module):
         return _depthwise_weight_grad(module, x, g, padding, per_example=True)
     if spatial == 2 and groups == 1 and _channels_last(x) and _channels_last(g):
+        if module.stride == (1, 1) and math.prod(module.kernel_size) > 1 and c_in >= TAPS_MIN_CHANNELS:
+            return _conv2d_per_example_by_taps(module, x, g, padding)
         return _conv2d_per_example_channels_last(module, x, g, padding)
     per_example = _CONV_WEIGHT_GRAD[spatial](
         x.reshape(1, batch * c_in, *x.shape[2:]), (batch * c_out, c_in // groups, *module.kernel_size),
@@ -355,6 +362,37 @@ def _conv2d_per_example_channels_last(module, x, g, padding) -> torch.Tensor:
                                for i in range(kh) for j in range(kw)], dim=3).reshape(len(window), h_out * w_out, -1)
         torch.bmm(rows[s:s + examples], patches, out=grads[s:s + examples])
     return grads.view(batch, -1, kh, kw, c_in).permute(0, 1, 4, 2, 3)  # (B, C_out, C_in, kh, kw)
+
+
+def _conv2d_per_example_by_taps(module, x, g, padding) -> torch.Tensor:
+    """Per-example weight gradients of a 2-D convolution (one group, unit stride) on
+    channels-last tensors, one batched matmul per kernel tap and no patches gathered.
+
+    Flatten each padded image to rows of C_in numbers (one per pixel) and widen the
+    output gradient to the padded width with zero columns: the input rows that tap
+    (i, j) meets are then one contiguous run, starting at row i dh W_pad + j dw, so the
+    tap's gradient is (output gradient)^T x (that run), read in place; the widened
+    columns' products vanish. In the CNN's training step (conv 32->64 at 16x16, batch
+    32, 2 threads) the step is 5.5% faster than with gathered patches: the patches are
+    nine copies of the input."""
+    (kh, kw), (dh, dw) = module.kernel_size, module.dilation
+    batch, c_in, c_out, (h_out, w_out) = x.shape[0], x.shape[1], g.shape[1], g.shape[2:]
+    h_pad, w_pad = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]
+    beyond = (kw - 1) * dw  # rows past the image that the last tap's run reaches (all zero)
+    grads = g.new_empty(kh * kw, batch, c_out, c_in)
+    examples = max(1, WORKSPACE // (h_pad * w_pad * c_in + h_out * w_pad * c_out))
+    for s in range(0, batch, examples):
+        x_s, g_s = x[s:s + examples], g[s:s + examples]
+        n = len(x_s)
+        rows = F.pad(x_s.permute(0, 2, 3, 1), (0, 0, padding[1], padding[1], padding[0], padding[0]))
+        rows = F.pad(rows.reshape(n, h_pad * w_pad, c_in), (0, 0, 0, beyond))
+        widened = F.pad(g_s.permute(0, 2, 3, 1), (0, 0, 0, w_pad - w_out))  # (n, H_out, W_pad, C_out)
+        widened = widened.reshape(n, h_out * w_pad, c_out).transpose(1, 2)
+        for i in range(kh):
+            for j in range(kw):
+                start = i * dh * w_pad + j * dw
+                torch.bmm(widened, rows[:, start:start + h_out * w_pad], out=grads[i * kw + j, s:s + n])
+    return grads.permute(1, 2, 3, 0).view(batch, c_out, c_in, kh, kw)
 
 
 def _conv_weight_sq_norms(module, x, g, padding, norm: str) -> torch.Tensor:
