@@ -342,6 +342,11 @@ def _channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
+def _padded_pixels(x: torch.Tensor, padding) -> torch.Tensor:
+    """A channels-last (B, C, H, W) input as (B, H_pad, W_pad, C), its memory order, zero-padded."""
+    return F.pad(x.permute(0, 2, 3, 1), (0, 0, padding[1], padding[1], padding[0], padding[0]))
+
+
 def _conv2d_per_example_channels_last(module, x, g, padding) -> torch.Tensor:
     """Per-example weight gradients of a 2-D convolution (one group) on channels-last
     tensors, without changing their layout: each example's output gradient, (H_out W_out,
@@ -352,7 +357,7 @@ def _conv2d_per_example_channels_last(module, x, g, padding) -> torch.Tensor:
     (never more than ``PATCH_WORKSPACE`` numbers)."""
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     batch, c_in, (h_out, w_out) = x.shape[0], x.shape[1], g.shape[2:]
-    image = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding[1], padding[1], padding[0], padding[0]))  # (B, H, W, C)
+    image = _padded_pixels(x, padding)
     rows = g.permute(0, 2, 3, 1).reshape(batch, h_out * w_out, -1).transpose(1, 2)  # (B, C_out, H_out W_out)
     grads = g.new_empty(batch, g.shape[1], kh * kw * c_in)
     examples = max(1, PATCH_WORKSPACE // (h_out * w_out * kh * kw * c_in))
@@ -384,8 +389,7 @@ def _conv2d_per_example_by_taps(module, x, g, padding) -> torch.Tensor:
     for s in range(0, batch, examples):
         x_s, g_s = x[s:s + examples], g[s:s + examples]
         n = len(x_s)
-        rows = F.pad(x_s.permute(0, 2, 3, 1), (0, 0, padding[1], padding[1], padding[0], padding[0]))
-        rows = F.pad(rows.reshape(n, h_pad * w_pad, c_in), (0, 0, 0, beyond))
+        rows = F.pad(_padded_pixels(x_s, padding).reshape(n, h_pad * w_pad, c_in), (0, 0, 0, beyond))
         widened = F.pad(g_s.permute(0, 2, 3, 1), (0, 0, 0, w_pad - w_out))  # (n, H_out, W_pad, C_out)
         widened = widened.reshape(n, h_out * w_pad, c_out).transpose(1, 2)
         for i in range(kh):
